@@ -1,0 +1,198 @@
+"""Frozen config dataclasses for every component (hashable, so they can be static jit args).
+
+`configs/*.py` files hold ml_collections data; `from_dict` turns their `model` entries into these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+import jax.numpy as jnp
+
+# Class order of the released SER head.
+EMOTIONS: Tuple[str, ...] = ("angry", "surprised", "happy", "sad", "neutral")
+
+
+def to_dtype(name: Any):
+    """Accepts "float32"/"bfloat16"/"float16" or a dtype, returns a jnp dtype."""
+    if isinstance(name, str):
+        try:
+            return jnp.dtype(name)
+        except TypeError as e:
+            raise ValueError(f"unknown dtype name {name!r}") from e
+    return jnp.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperConfig:
+    """Whisper encoder. Defaults are tiny.en (80 mels, d 384, 4 layers, 6 heads)."""
+
+    n_mels: int = 80
+    d_model: int = 384
+    num_layers: int = 4
+    num_heads: int = 6
+    mlp_dim: int = 1536
+    max_source_positions: int = 1500  # frames after the stride-2 conv (30 s)
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # computation dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    # Faithful default is 30 s inputs; allow shorter mel inputs (positions are sliced).
+    allow_short_inputs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Decoder-only LM (Qwen2 and Llama families). Defaults are a tiny random test model."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    # RoPE scaling: None | "linear" | "llama3"
+    rope_scaling_type: Optional[str] = None
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True  # Qwen2: True, Llama: False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """Speech adapter: "linear" (frame concat, k frames -> 1 token) or "conv" (BLSP-Emo)."""
+
+    type: str = "linear"
+    k: int = 5
+    hidden_dim: int = 2048
+    conv_channels: int = 0  # 0 means "encoder width"; each conv outputs 2x this, GLU halves it
+    conv_layers: int = 3
+    conv_kernel: int = 5
+    conv_stride: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EmotionConfig:
+    """Emotion extractor + SER head (+ optional arousal/valence/dominance regression head)."""
+
+    gate_hidden: int = 128
+    num_heads: int = 4
+    num_queries: int = 1
+    mlp_hidden: int = 2048
+    num_classes: int = 5
+    num_attributes: int = 0  # RE-LLM style dimensional attributes (3 = A/V/D); 0 disables
+    layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechDecoderConfig:
+    """Small causal LM turning the frozen LLM's hidden states into speech unit ids."""
+
+    lm: LMConfig = LMConfig()
+    proj_type: str = "linear"  # "linear" | "ffn"
+    ffn_dim: int = 4096
+    add_token_embeddings: bool = True
+    gate_fusion: bool = False
+    stream_n: int = 3  # text positions per chunk
+    stream_m: int = 15  # unit tokens per chunk
+    unit_vocab_size: int = 64
+    # Token ids inside the speech decoder's vocabulary. Units are unit_offset + u.
+    sep_token_id: int = 0
+    unit_offset: int = 0
+    eos_token_id: int = 0
+    max_length: int = 2048
+    max_units: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeEmpathConfig:
+    """The composite model."""
+
+    whisper: WhisperConfig = WhisperConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    emotion: EmotionConfig = EmotionConfig()
+    llm: LMConfig = LMConfig()
+    speech_decoder: Optional[SpeechDecoderConfig] = None
+    speech_token_id: int = 1
+    emotion_token_id: int = 2
+    # Whether the placeholder token gets replaced by all speech embeddings (the prompt holds a
+    # single <speech> token that is expanded) - we keep shapes static by expanding in the
+    # tokenizer: the prompt holds `num_speech_tokens` copies of speech_token_id.
+    system_prompt: str = (
+        "You are an empathetic spoken chatbot. Please provide a very short but helpful response "
+        "to the user with empathy toward the user's emotional tone."
+    )
+    user_template: str = "<speech>(with a <emotion> emotional tone)."
+    emotions: Tuple[str, ...] = EMOTIONS
+    dtype: str = "float32"
+
+    @property
+    def num_speech_tokens(self) -> int:
+        frames = self.whisper.max_source_positions
+        if self.projector.type == "linear":
+            return frames // self.projector.k
+        n = frames
+        for _ in range(self.projector.conv_layers):
+            n = (n + 2 * (self.projector.conv_kernel // 2) - self.projector.conv_kernel) // (
+                self.projector.conv_stride
+            ) + 1
+        return n
+
+
+_NESTED = {
+    "whisper": WhisperConfig,
+    "projector": ProjectorConfig,
+    "emotion": EmotionConfig,
+    "llm": LMConfig,
+    "lm": LMConfig,
+    "speech_decoder": SpeechDecoderConfig,
+}
+
+
+def from_dict(cls, d: Optional[Mapping[str, Any]]):
+    """Builds a (possibly nested) config dataclass from a mapping such as a ConfigDict.
+
+    Unknown keys raise a ValueError naming them, so typos in config files never pass silently.
+    """
+    if d is None:
+        return None
+    if dataclasses.is_dataclass(d):
+        return d
+    if hasattr(d, "to_dict"):
+        d = d.to_dict()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for k, v in d.items():
+        if k in _NESTED and v is not None and not dataclasses.is_dataclass(v):
+            v = from_dict(_NESTED[k], v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Inverse of `from_dict` (plain nested dicts, JSON-serialisable)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out

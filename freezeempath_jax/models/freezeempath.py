@@ -1,0 +1,130 @@
+"""The composite FreezeEmpath model; reads like the data-flow diagram of DESIGN.md section 1.
+
+    mel -> whisper -> (last state -> projector -> speech embeds [B, S, H])
+                      (all block states -> emotion extractor -> emotion embed [B, Q, H] + SER)
+    prompt ids with S speech and Q emotion placeholders -> spliced embeddings -> frozen LLM
+    -> logits + last hidden states (-> speech decoder, trained separately in stage 3)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from freezeempath_jax.models.adapters import make_projector
+from freezeempath_jax.models.causal_lm import CausalLM
+from freezeempath_jax.models.configs import FreezeEmpathConfig, to_dtype
+from freezeempath_jax.models.emotion import EmotionExtractor
+from freezeempath_jax.models.speech_decoder import SpeechDecoder
+from freezeempath_jax.models.whisper import WhisperEncoder
+
+
+@struct.dataclass
+class SpeechFeatures:
+    speech_embeds: jax.Array  # [B, S, H]
+    emotion_embedding: jax.Array  # [B, Q, H]
+    ser_logits: jax.Array  # [B, num_classes]
+    attributes: Optional[jax.Array] = None  # [B, A] (RE-LLM dimensional attributes) or None
+
+
+@struct.dataclass
+class FreezeEmpathOutput:
+    logits: Optional[jax.Array]  # [B, T, V] float32
+    hidden_states: jax.Array  # [B, T, H] last LLM layer (after final norm)
+    emotion_embedding: jax.Array  # [B, Q, H]
+    ser_logits: jax.Array  # [B, num_classes]
+    attributes: Optional[jax.Array] = None
+    cache: Optional[dict] = None
+
+
+def splice(embeds, input_ids, token_id: int, values):
+    """Writes `values [B, S, H]` over the positions of `token_id` in `input_ids`, in order.
+
+    Static shapes: the k-th placeholder of a row takes values[:, k] via a cumulative count, so
+    no per-example Python loop and no data-dependent shapes. Rows with more placeholders than
+    S reuse the last value; the prompt builder guarantees exactly S.
+    """
+    is_tok = input_ids == token_id
+    idx = jnp.clip(jnp.cumsum(is_tok, axis=1) - 1, 0, values.shape[1] - 1)
+    gathered = jnp.take_along_axis(values.astype(embeds.dtype), idx[..., None], axis=1)
+    return jnp.where(is_tok[..., None], gathered, embeds)
+
+
+class FreezeEmpath(nn.Module):
+    """Whisper encoder + speech adapter + emotion extractor/SER head + frozen LLM
+    (+ speech decoder). Parameter tree: whisper / projector / emotion / llm / speech_decoder.
+    """
+
+    config: FreezeEmpathConfig
+
+    def setup(self):
+        c = self.config
+        self.whisper = WhisperEncoder(c.whisper)
+        self.projector = make_projector(c.projector, c.llm.hidden_size, c.dtype)
+        self.emotion = EmotionExtractor(c.emotion, c.llm.hidden_size, c.dtype)
+        self.llm = CausalLM(c.llm)
+        if c.speech_decoder is not None:
+            self.speech_decoder = SpeechDecoder(c.speech_decoder, c.llm.hidden_size)
+
+    def encode_audio(self, mel):
+        """Frozen Whisper pass: (last_hidden_state [B, T, d], layer_states [L, B, T, d]).
+
+        Gradients never flow into the frozen encoder, so the backward pass skips it.
+        """
+        out = self.whisper(mel)
+        return (jax.lax.stop_gradient(out.last_hidden_state),
+                jax.lax.stop_gradient(out.layer_states))
+
+    def features_from_states(self, last_hidden_state, layer_states) -> SpeechFeatures:
+        """Adapters on (possibly cached) encoder outputs."""
+        speech = self.projector(last_hidden_state)
+        emo = self.emotion(layer_states)
+        return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
+                              ser_logits=emo.ser_logits, attributes=emo.attributes)
+
+    def encode_speech(self, mel):
+        """mel [B, n_mels, frames] -> (speech_embeds [B, S, H], emotion_embedding [B, Q, H],
+        ser_logits [B, 5])."""
+        f = self.features_from_states(*self.encode_audio(mel))
+        return f.speech_embeds, f.emotion_embedding, f.ser_logits
+
+    def prompt_embeds(self, input_ids, features: SpeechFeatures):
+        """LLM input embeddings of a prompt with the speech and emotion placeholders filled."""
+        c = self.config
+        # Placeholder ids may lie outside the LLM vocabulary (added tokens): embed a harmless id
+        # there, it is overwritten anyway.
+        holder = (input_ids == c.speech_token_id) | (input_ids == c.emotion_token_id)
+        emb = self.llm.embed(jnp.where(holder, 0, input_ids))
+        emb = splice(emb, input_ids, c.speech_token_id, features.speech_embeds)
+        return splice(emb, input_ids, c.emotion_token_id, features.emotion_embedding)
+
+    def __call__(self, mel=None, input_ids=None, attention_mask=None, positions=None, cache=None,
+                 encoder_states=None, last_logits_only: bool = False,
+                 return_logits: bool = True) -> FreezeEmpathOutput:
+        """Full turn forward. Pass `mel`, or `encoder_states=(last, layers)` from a cache of the
+        frozen encoder's outputs (training with cached encoder passes)."""
+        if encoder_states is None:
+            if mel is None:
+                raise ValueError("pass mel or encoder_states")
+            encoder_states = self.encode_audio(mel)
+        feats = self.features_from_states(*encoder_states)
+        embeds = self.prompt_embeds(input_ids, feats)
+        out = self.llm(inputs_embeds=embeds.astype(to_dtype(self.config.llm.dtype)),
+                       positions=positions, attention_mask=attention_mask, cache=cache,
+                       last_logits_only=last_logits_only, return_logits=return_logits)
+        return FreezeEmpathOutput(logits=out.logits, hidden_states=out.hidden_states,
+                                  emotion_embedding=feats.emotion_embedding,
+                                  ser_logits=feats.ser_logits, attributes=feats.attributes,
+                                  cache=out.cache)
+
+    def llm_forward(self, **kwargs):
+        """The bare frozen LLM (text-only teacher passes, generation steps)."""
+        return self.llm(**kwargs)
+
+    def speech_decoder_forward(self, *args, **kwargs):
+        """The speech decoder (stage 3 training, unit generation)."""
+        return self.speech_decoder(*args, **kwargs)
