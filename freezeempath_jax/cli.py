@@ -1,0 +1,106 @@
+"""`freezeempath-jax` console script: convert, train, distill, chat, demo.
+
+Only wiring lives here; every subcommand calls a library function that notebooks can call too.
+`train` is parsed by absl + ml_collections config flags (so `--config.train.steps=N` works);
+the others by argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args):
+    from freezeempath_jax.checkpoints import convert
+    convert(args.kind, args.src, args.out, dtype=args.dtype, whisper=args.whisper)
+    print(f"converted {args.kind} checkpoint {args.src} -> {args.out}")
+    return 0
+
+
+def _distill(args):
+    from freezeempath_jax.data.distill import run_distill
+    n = run_distill(args.model, args.input, args.output, mode=args.mode,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    seed=args.seed, batch_size=args.batch_size)
+    print(f"wrote {n} targets to {args.output}")
+    return 0
+
+
+def _chat(args):
+    from freezeempath_jax.chat import run_chat
+    failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      batch_size=args.batch_size)
+    return 1 if failed else 0
+
+
+def _demo(args):
+    from freezeempath_jax.demo import run_demo
+    run_demo(workdir=args.workdir, quick=args.quick)
+    return 0
+
+
+def _train(argv):
+    from freezeempath_jax.train.trainer import main_train
+    return main_train(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freezeempath-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a checkpoint (HF, OpenAI .pt, CTranslate2, GGUF, "
+                                       "FreezeEmpath release) into this project's orbax format")
+    c.add_argument("--kind", choices=["whisper", "llm", "freezeempath"], required=True)
+    c.add_argument("--from", dest="src", required=True, help="input file or directory")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--dtype", default=None, help="parameter dtype (default: float32 for small "
+                                                  "parts, bfloat16 for the frozen 7B parts)")
+    c.add_argument("--whisper", default=None,
+                   help="for --kind freezeempath: a separate Whisper checkpoint")
+    c.set_defaults(fn=_convert)
+
+    sub.add_parser("train", help="train a stage: --config configs/tiny.py --config.stage=2a "
+                                 "--config.train.steps=N --workdir DIR (resumes from DIR)",
+                   add_help=False)
+
+    d = sub.add_parser("distill", help="write the frozen LLM's own replies (training targets)")
+    d.add_argument("--model", required=True, help="checkpoint directory or config file")
+    d.add_argument("--input", required=True, help="JSONL manifest with transcripts")
+    d.add_argument("--output", required=True, help="output JSONL")
+    d.add_argument("--mode", choices=["reply", "emotion_reply", "empathetic"], default="reply")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.set_defaults(fn=_distill)
+
+    h = sub.add_parser("chat", help="answer spoken questions (one audio file or a JSONL manifest)")
+    h.add_argument("--model", required=True, help="converted/trained checkpoint dir or config")
+    h.add_argument("--input", required=True, help="audio file or JSONL manifest {id, audio}")
+    h.add_argument("--output", required=True, help="answers JSONL (written as it goes)")
+    h.add_argument("--temperature", type=float, default=0.7)
+    h.add_argument("--max-new-tokens", type=int, default=256)
+    h.add_argument("--seed", type=int, default=42)
+    h.add_argument("--batch-size", type=int, default=4)
+    h.set_defaults(fn=_chat)
+
+    m = sub.add_parser("demo", help="end-to-end CPU demo on real small models and synthetic "
+                                    "emotional speech")
+    m.add_argument("--workdir", default="demo_out")
+    m.add_argument("--quick", action="store_true", help="fewer clips and steps (CI smoke run)")
+    m.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return _train(["freezeempath-jax train"] + argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
