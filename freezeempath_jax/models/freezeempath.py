@@ -116,6 +116,10 @@ class FreezeEmpath(nn.Module):
         out = self.llm(inputs_embeds=embeds.astype(to_dtype(self.config.llm.dtype)),
                        positions=positions, attention_mask=attention_mask, cache=cache,
                        last_logits_only=last_logits_only, return_logits=return_logits)
+        if self.is_initializing() and self.config.speech_decoder is not None:
+            # `init` must create every part's parameters; the speech decoder is otherwise only
+            # reached through its own methods (stage 3, unit generation).
+            self.speech_decoder(self.speech_decoder.fuse(out.hidden_states, input_ids))
         return FreezeEmpathOutput(logits=out.logits, hidden_states=out.hidden_states,
                                   emotion_embedding=feats.emotion_embedding,
                                   ser_logits=feats.ser_logits, attributes=feats.attributes,
