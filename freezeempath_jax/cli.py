@@ -19,7 +19,7 @@ def _convert(args):
 
 
 def _distill(args):
-    from freezeempath_jax.data.distill import run_distill
+    from freezeempath_jax.distill import run_distill
     n = run_distill(args.model, args.input, args.output, mode=args.mode,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     seed=args.seed, batch_size=args.batch_size)
