@@ -1,0 +1,19 @@
+"""Flax (linen) modules of every FreezeEmpath component, one file each, and their configs."""
+
+from freezeempath_jax.models.adapters import ConvAdapter, FrameConcatProjector, make_projector
+from freezeempath_jax.models.causal_lm import CausalLM, LMOutput, init_cache
+from freezeempath_jax.models.configs import (EMOTIONS, EmotionConfig, FreezeEmpathConfig,
+                                             LMConfig, ProjectorConfig, SpeechDecoderConfig,
+                                             WhisperConfig, from_dict, to_dict)
+from freezeempath_jax.models.emotion import EmotionExtractor, EmotionOutput
+from freezeempath_jax.models.freezeempath import FreezeEmpath, FreezeEmpathOutput, splice
+from freezeempath_jax.models.speech_decoder import SpeechDecoder
+from freezeempath_jax.models.whisper import WhisperEncoder, WhisperOutput
+
+__all__ = [
+    "ConvAdapter", "FrameConcatProjector", "make_projector", "CausalLM", "LMOutput",
+    "init_cache", "EMOTIONS", "EmotionConfig", "FreezeEmpathConfig", "LMConfig",
+    "ProjectorConfig", "SpeechDecoderConfig", "WhisperConfig", "from_dict", "to_dict",
+    "EmotionExtractor", "EmotionOutput", "FreezeEmpath", "FreezeEmpathOutput", "splice",
+    "SpeechDecoder", "WhisperEncoder", "WhisperOutput",
+]
