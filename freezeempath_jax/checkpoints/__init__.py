@@ -1,0 +1,26 @@
+"""Loading the weights users hold (Hugging Face, OpenAI-whisper, CTranslate2, GGUF, the
+FreezeEmpath release) into our parameter trees, and saving our own (orbax).
+
+Every loader returns `(config, params)`, takes `dtype=` for the returned parameters and
+`shardings=` / `mesh=` to place each leaf as soon as it is built, and raises one
+`CheckpointError` listing every missing, unexpected or mis-shaped key.
+"""
+
+from freezeempath_jax.checkpoints.causal_lm import load_causal_lm
+from freezeempath_jax.checkpoints.ctranslate2_io import CTranslate2Source, write_model_bin
+from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
+from freezeempath_jax.checkpoints.orbax_io import (convert, load_config, load_converted,
+                                                   merge_params, restore_params, save_config,
+                                                   save_params)
+from freezeempath_jax.checkpoints.release import load_freezeempath, parse_stream_params
+from freezeempath_jax.checkpoints.tokenizer import (add_placeholders, build_prompt_ids,
+                                                    chat_text, left_pad, load_tokenizer)
+from freezeempath_jax.checkpoints.whisper import load_whisper_encoder, save_whisper_encoder_ct2
+
+__all__ = [
+    "CheckpointError", "Problem", "load_whisper_encoder", "load_causal_lm", "load_freezeempath",
+    "parse_stream_params", "save_params", "restore_params", "save_config", "load_config",
+    "load_converted", "merge_params", "convert", "load_tokenizer", "add_placeholders",
+    "build_prompt_ids", "chat_text", "left_pad", "CTranslate2Source", "write_model_bin",
+    "save_whisper_encoder_ct2",
+]
