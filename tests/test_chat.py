@@ -1,0 +1,157 @@
+"""The chat turn and the chat command on a tiny random FreezeEmpath with real speech files:
+one JSONL line per item, bad items get error records while the others succeed, the failure
+count is returned; prompts match the training frame; conversations keep and drop turns."""
+
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+from flax import linen as nn
+
+from freezeempath_jax import chat
+from freezeempath_jax.models import presets
+from freezeempath_jax.models.configs import EMOTIONS
+from freezeempath_jax.train.batches import ByteTokenizer, ChatFormat, PromptBuilder
+from freezeempath_jax.train.state import init_boxed_params
+
+CFG = presets.TINY
+SECONDS = 3.0  # clip length of configs/tiny.py: 150 encoder frames -> 30 speech tokens
+
+
+def _random_params(seed=0):
+    """Numpy-random values for every part (compiling `init` is slow on CPU)."""
+    shapes = nn.meta.unbox(jax.eval_shape(lambda r: init_boxed_params(CFG, r),
+                                          jax.random.PRNGKey(0)))
+    rng = np.random.RandomState(seed)
+
+    def make(path, s):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.1 * rng.randn(*s.shape), s.dtype)
+        std = 1.0 if "embedding" in name else 0.1
+        return jnp.asarray(std * rng.randn(*s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = ByteTokenizer(CFG.llm.vocab_size, CFG.speech_token_id, CFG.emotion_token_id)
+    return chat.ChatModel(CFG, _random_params(), tok, chat_template="plain",
+                          audio_seconds=SECONDS, max_units=8)
+
+
+def test_chat_command_writes_one_line_per_item(model, shared_audio_dir, tmp_path):
+    good = [shared_audio_dir / "helpful_base_1.wav", shared_audio_dir / "vicuna_2.wav",
+            shared_audio_dir / "helpful_base_4.wav"]
+    long = tmp_path / "long.wav"
+    sf.write(long, 0.1 * np.random.RandomState(0).randn(16000 * 31).astype(np.float32), 16000)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_text("this is not audio")
+    items = [("a", good[0]), ("missing", tmp_path / "nope.wav"), ("b", good[1]),
+             ("long", long), ("garbage", garbage), ("empty", empty), ("c", good[2])]
+    manifest = tmp_path / "questions.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "audio": str(p)}) + "\n"
+                                for i, p in items))
+    out = tmp_path / "out" / "answers.jsonl"
+    failed = chat.run_chat(model, str(manifest), str(out), max_new_tokens=6, batch_size=2,
+                           progress=False)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question_id"] for r in lines] == [i for i, _ in items]
+    assert failed == 4
+    by_id = {r["question_id"]: r for r in lines}
+    for qid, path in items:
+        r = by_id[qid]
+        assert r["audio"] == str(path)
+        if qid in ("missing", "long", "garbage", "empty"):
+            assert set(r) == {"question_id", "audio", "error"}
+            assert str(path) in r["error"]
+            continue
+        assert "error" not in r
+        assert isinstance(r["prediction"], str)
+        units = [int(u) for u in r["prediction_units"].split()]
+        assert all(0 <= u < CFG.speech_decoder.unit_vocab_size for u in units)
+        probs = r["emotion"]["probabilities"]
+        assert list(probs) == list(EMOTIONS)
+        assert abs(sum(probs.values()) - 1.0) < 1e-5
+        assert r["emotion"]["label"] == max(probs, key=probs.get)
+    assert "30 s" in by_id["long"]["error"]
+
+    # A single audio file is one item; the same seed gives the same answer.
+    single = tmp_path / "single.jsonl"
+    assert chat.run_chat(model, str(good[0]), str(single), max_new_tokens=6, batch_size=2,
+                         progress=False) == 0
+    (one,) = [json.loads(x) for x in single.read_text().splitlines()]
+    assert one["question_id"] == "helpful_base_1"
+    assert one["prediction"] == by_id["a"]["prediction"]
+    assert one["prediction_units"] == by_id["a"]["prediction_units"]
+
+
+def test_first_turn_prompt_is_the_training_prompt(model):
+    """The chat frame of a first turn is token for token what the trainer builds."""
+    fmt = ChatFormat.named("plain", CFG.system_prompt)
+    tok = ByteTokenizer(CFG.llm.vocab_size, CFG.speech_token_id, CFG.emotion_token_id)
+    want = PromptBuilder(tok, fmt, 30, CFG.emotion.num_queries).speech_prompt(
+        CFG.user_template)
+    assert model.prompt_ids([], 30, CFG.emotion.num_queries) == want
+
+
+def _turn(model, reply, with_embeds=True, transcript=None):
+    h = CFG.llm.hidden_size
+    return chat.Turn(reply_ids=model.codec.encode(reply), reply=reply, emotion="sad",
+                     transcript=transcript,
+                     speech_embeds=np.ones((30, h), np.float32) if with_embeds else None,
+                     emotion_embedding=np.ones((1, h), np.float32) if with_embeds else None)
+
+
+def test_history_prompts_and_context_limit(model):
+    c = model.codec
+    earlier = [_turn(model, "hi there"), _turn(model, "ok")]
+    ids = model.prompt_ids(earlier, 30, 1)
+    assert ids.count(CFG.speech_token_id) == 90 and ids.count(CFG.emotion_token_id) == 3
+    first = model.prompt_ids([], 30, 1)
+    assert ids[:len(first)] == first  # the oldest turn opens the prompt as a first turn would
+    assert c.decode(ids).count("assistant: ") == 3 and "hi there\nuser: " in c.decode(ids)
+
+    text_model = chat.ChatModel(CFG, model.params, c, chat_template="plain",
+                                audio_seconds=SECONDS, history="text")
+    ids = text_model.prompt_ids([_turn(model, "hi", transcript="how are you")], 30, 1)
+    assert ids.count(CFG.speech_token_id) == 30
+    assert "how are you (with a sad emotional tone)." in c.decode(ids)
+
+    # Context: 2 earlier turns fit in full length, only the newest fits in a smaller limit.
+    conv = chat.Conversation(earlier)
+    full = len(model.prompt_ids(earlier, 30, 1))
+    model_small = chat.ChatModel(CFG, model.params, c, chat_template="plain",
+                                 audio_seconds=SECONDS, max_context=full + 4 - 1)
+    with pytest.warns(UserWarning, match="dropped its 1 oldest"):
+        kept, got, dropped = model_small._fit(conv, 30, 1, max_new_tokens=4)
+    assert dropped == 1 and kept == earlier[1:] and got == model.prompt_ids(earlier[1:], 30, 1)
+    tiny = chat.ChatModel(CFG, model.params, c, chat_template="plain", audio_seconds=SECONDS,
+                          max_context=10)
+    with pytest.raises(ValueError, match="context limit"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tiny._fit(conv, 30, 1, max_new_tokens=4)
+
+
+def test_chatbot_keeps_turns(model, shared_audio_dir):
+    from freezeempath_jax.audio import load_audio
+    bot = chat.Chatbot(model, max_new_tokens=4, speech=False, temperature=0.0)
+    a = load_audio(shared_audio_dir / "vicuna_1.wav")
+    r1 = bot(a)
+    r2 = bot(a)
+    assert r1.units is None and len(bot.conversation.turns) == 2
+    assert bot.conversation.turns[0].reply_ids == r1.text_ids
+    assert bot.conversation.turns[1].speech_embeds.shape == (30, CFG.llm.hidden_size)
+    assert r1.emotion == r2.emotion  # same clip, same SER head
+    # The second turn hears the first: its prompt is longer, so generation saw a new shape.
+    assert len(model.prompt_ids(bot.conversation.turns[:1], 30, 1)) > len(
+        model.prompt_ids([], 30, 1))
