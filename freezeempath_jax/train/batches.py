@@ -1,0 +1,488 @@
+"""Data records -> the static-shape batch dicts the train step reads (keys in `train.step`).
+
+A record is a plain dict (one line of a JSONL manifest plus features added on load):
+    mel [n_mels, frames] float32, or encoder_last [T, d] + encoder_layers [L, T, d]
+    transcript: str                       (stage 1 teacher prompt)
+    reply_ids: list[int] or reply: str    (target of stages 1 / 2b / 3)
+    emotion: str and/or label: int        (stage 2a target text and SER label)
+    attributes: [A] floats                (RE-LLM arousal / valence / dominance, optional)
+    units: list[int]                      (stage 3 speech units of the reply)
+    task: "2a" | "2b"                     (stage 2b mixes rows of both tasks)
+
+Every batch has the same shapes whatever the records hold: prompts have a fixed length (the
+speech / emotion placeholders are expanded to the model's counts), replies are cut or
+right-padded to `target_len`, units to `units_len`, and missing rows (the tail of an eval
+set) are all-padding rows whose masks are zero, so they count in no loss and no metric.
+
+Tokenizers: `ByteTokenizer` for random tiny models (ids = bytes + offset, with the
+placeholder ids of the model config as specials) or `HFTokenizer` around a transformers
+tokenizer for real checkpoints. Prompt text follows `ChatFormat` (plain for the tiny model,
+the Qwen / model chat template for real ones).
+
+Sources (`MemorySource`, `MixedSource`) hand out lists of records in a seeded order and
+expose `get_state()` / `set_state()` (JSON-able) so checkpoints resume the stream exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from freezeempath_jax.models import streaming
+from freezeempath_jax.models.configs import FreezeEmpathConfig
+
+SPEECH = "<speech>"
+EMOTION = "<emotion>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids (`byte + offset`) for random tiny models.
+
+    Ids below `offset` are specials: pad 0, bos 1, eos 2, and the model's speech / emotion
+    placeholder ids (presets.TINY uses 3 and 4). The LLM vocabulary must hold offset + 256 ids.
+    """
+
+    def __init__(self, vocab_size: int, speech_token_id: int, emotion_token_id: int,
+                 offset: int = 8):
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.speech_token_id, self.emotion_token_id = speech_token_id, emotion_token_id
+        specials = {self.pad_id, self.bos_id, self.eos_id, speech_token_id, emotion_token_id}
+        if len(specials) != 5 or max(specials) >= offset:
+            raise ValueError(f"ByteTokenizer: special ids {sorted(specials)} must be distinct "
+                             f"and below the byte offset {offset}")
+        if offset + 256 > vocab_size:
+            raise ValueError(f"ByteTokenizer needs a vocabulary of at least {offset + 256} ids "
+                             f"(bytes + offset {offset}); the LLM has {vocab_size}")
+        self.offset = offset
+
+    def encode(self, text: str) -> List[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer (directory or .gguf file) with the model's placeholder ids.
+
+    The placeholders may lie past the tokenizer's vocabulary (they are spliced, never
+    embedded), so they are inserted as ids, never as text.
+    """
+
+    def __init__(self, path: str, speech_token_id: int, emotion_token_id: int):
+        import os
+
+        from transformers import AutoTokenizer
+        if path.endswith(".gguf"):
+            self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                                     gguf_file=os.path.basename(path))
+        else:
+            self.tok = AutoTokenizer.from_pretrained(path)
+        self.speech_token_id, self.emotion_token_id = speech_token_id, emotion_token_id
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id
+
+    def encode(self, text: str) -> List[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def make_tokenizer(model: FreezeEmpathConfig, spec: str = "byte"):
+    """`"byte"` -> ByteTokenizer over the LLM vocabulary; anything else is a tokenizer path."""
+    if spec == "byte":
+        return ByteTokenizer(model.llm.vocab_size, model.speech_token_id, model.emotion_token_id)
+    return HFTokenizer(spec, model.speech_token_id, model.emotion_token_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """Text around one user turn: `prefix + user content + suffix`, then the reply.
+
+    "plain": `<bos>user: {content}\\nassistant: ` (short prompts for byte-level tiny models;
+    no system message). "qwen" / "chatml": the ChatML frame of Qwen2.5 (and SmolLM2) with the
+    system message of the model config (DESIGN.md section 4).
+    """
+
+    prefix: str
+    suffix: str
+    use_bos: bool
+
+    @staticmethod
+    def named(name: str, system_prompt: str) -> "ChatFormat":
+        if name == "plain":
+            return ChatFormat("user: ", "\nassistant: ", True)
+        if name in ("qwen", "chatml"):  # Qwen2.5 and SmolLM2 share the ChatML frame
+            return ChatFormat(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+                              "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", False)
+        raise ValueError(f"data.chat_template={name!r} is unknown; choose 'plain', 'qwen' or "
+                         "'chatml'")
+
+
+class PromptBuilder:
+    """Token ids of prompts with expanded placeholders.
+
+    `speech_prompt(template, emotion=...)`: the user content is `template` with `<speech>`
+    replaced by `num_speech` speech placeholder ids and `<emotion>` by `num_emotion` emotion
+    placeholder ids (the model splices its embeddings there). `text_prompt(content)`: the
+    same frame around plain text (teacher passes).
+    """
+
+    def __init__(self, tokenizer, fmt: ChatFormat, num_speech: int, num_emotion: int):
+        self.tok, self.fmt = tokenizer, fmt
+        self.num_speech, self.num_emotion = num_speech, num_emotion
+
+    def _frame(self, content_ids: List[int]) -> List[int]:
+        head = [self.tok.bos_id] if self.fmt.use_bos and self.tok.bos_id is not None else []
+        return head + self.tok.encode(self.fmt.prefix) + content_ids + self.tok.encode(
+            self.fmt.suffix)
+
+    def speech_prompt(self, template: str) -> List[int]:
+        ids: List[int] = []
+        rest = template
+        while rest:
+            cut = [(rest.find(t), t) for t in (SPEECH, EMOTION) if rest.find(t) >= 0]
+            if not cut:
+                ids += self.tok.encode(rest)
+                break
+            pos, tag = min(cut)
+            ids += self.tok.encode(rest[:pos])
+            if tag == SPEECH:
+                ids += [self.tok.speech_token_id] * self.num_speech
+            else:
+                ids += [self.tok.emotion_token_id] * self.num_emotion
+            rest = rest[pos + len(tag):]
+        if ids.count(self.tok.speech_token_id) != self.num_speech:
+            raise ValueError(f"prompt template {template!r} must hold {SPEECH} exactly once")
+        return self._frame(ids)
+
+    def text_prompt(self, content: str) -> List[int]:
+        return self._frame(self.tok.encode(content))
+
+
+def emotion_statement(emotion: str) -> str:
+    """Stage 2a target: the LLM names the emotion it hears."""
+    return f"The speaker sounds {emotion}."
+
+
+def teacher_content(transcript: str, emotion: Optional[str] = None) -> str:
+    """What the teacher LLM reads instead of speech: the transcript (plus the emotion label
+    in 2b, where the frozen LLM writes the empathetic reply from text + label)."""
+    if emotion is None:
+        return transcript
+    return f"{transcript} (with a {emotion} emotional tone)."
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
+    if rec.get("label") is not None:
+        return int(rec["label"])
+    if rec.get("emotion") is not None:
+        if rec["emotion"] not in emotions:
+            raise ValueError(f"record {rec.get('id', '?')}: emotion {rec['emotion']!r} is not "
+                             f"one of {tuple(emotions)}")
+        return list(emotions).index(rec["emotion"])
+    return -1
+
+
+class BatchBuilder:
+    """Records -> batch dict for one stage, with static shapes.
+
+    objective: "distill_ce" | "distill_kl" | "emotion_ce" | "unit_ce" (train.step names).
+    num_speech: speech placeholders per prompt (frames // k of the encoder outputs used).
+    target_len: reply tokens kept (EOS included); teacher_len: teacher prompt tokens.
+    """
+
+    def __init__(self, model: FreezeEmpathConfig, stage: str, objective: str, tokenizer,
+                 num_speech: int, *, chat_template: str = "plain", target_len: int = 16,
+                 teacher_len: int = 96, units_len: int = 64, stage1_template: str = SPEECH):
+        self.model, self.stage, self.objective = model, stage, objective
+        self.tok = tokenizer
+        self.target_len, self.teacher_len, self.units_len = target_len, teacher_len, units_len
+        fmt = ChatFormat.named(chat_template, model.system_prompt)
+        self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_queries)
+        template = stage1_template if stage == "1" else model.user_template
+        self.prompt = np.asarray(self.prompts.speech_prompt(template), np.int32)
+        self.seq_len = _round_up(len(self.prompt) + target_len, 8)
+        if objective == "unit_ce" and model.speech_decoder is None:
+            raise ValueError(f"stage {stage} trains the speech decoder but the model config "
+                             "has none")
+
+    # -- per-record pieces
+
+    def reply_ids(self, rec: Mapping) -> List[int]:
+        """Target token ids of a record for this stage (EOS appended, cut to target_len)."""
+        if self.stage == "2a" or (self.stage == "2b" and rec.get("task") == "2a"):
+            if rec.get("emotion") is None and rec.get("label") is None:
+                raise ValueError(f"record {rec.get('id', '?')}: stage 2a needs an emotion")
+            emo = rec.get("emotion") or self.model.emotions[int(rec["label"])]
+            ids = self.tok.encode(emotion_statement(emo))
+        elif rec.get("reply_ids") is not None:
+            ids = [int(i) for i in rec["reply_ids"]]
+        elif rec.get("reply") is not None:
+            ids = self.tok.encode(rec["reply"])
+        else:
+            raise ValueError(f"record {rec.get('id', '?')}: stage {self.stage} needs a target "
+                             "reply ('reply' text or 'reply_ids'); write them with "
+                             "`freezeempath-jax distill` or let the trainer self-distill")
+        ids = [i for i in ids if i != self.tok.eos_id][: self.target_len - 1]
+        return ids + [self.tok.eos_id]
+
+    def __call__(self, records: Sequence[Optional[Mapping]]) -> Dict[str, np.ndarray]:
+        """Batch dict for `records` (None entries become all-padding rows)."""
+        b, t = len(records), self.seq_len
+        p = len(self.prompt)
+        pad = self.tok.pad_id
+        input_ids = np.full((b, t), pad, np.int32)
+        attention = np.zeros((b, t), np.int32)
+        target_mask = np.zeros((b, t), np.float32)
+        out: Dict[str, np.ndarray] = {}
+        replies: List[List[int]] = []
+        for i, rec in enumerate(records):
+            if rec is None:
+                replies.append([])
+                input_ids[i, :p] = self.prompt  # padding rows keep a valid prompt
+                attention[i, :p] = 1
+                continue
+            r = self.reply_ids(rec)
+            replies.append(r)
+            input_ids[i, :p] = self.prompt
+            input_ids[i, p:p + len(r)] = r
+            attention[i, :p + len(r)] = 1
+            target_mask[i, p:p + len(r)] = 1
+        targets = np.concatenate([input_ids[:, 1:], np.full((b, 1), pad, np.int32)], axis=1)
+        loss_mask = np.concatenate([target_mask[:, 1:], np.zeros((b, 1), np.float32)], axis=1)
+        out.update(input_ids=input_ids, attention_mask=attention, targets=targets,
+                   loss_mask=loss_mask)
+        out.update(self._audio(records))
+        if self.objective == "distill_kl":
+            out.update(self._teacher(records, replies))
+        if self.objective == "emotion_ce":
+            # 2b rows keep their SER label when the clip has one; -1 marks "no label".
+            labels = np.array([-1 if r is None else _label_of(r, self.model.emotions)
+                               for r in records], np.int32)
+            out["emotion_label"] = labels
+            if self.model.emotion.num_attributes:
+                a = self.model.emotion.num_attributes
+                attrs = np.zeros((b, a), np.float32)
+                amask = np.zeros((b,), np.float32)
+                for i, rec in enumerate(records):
+                    if rec is not None and rec.get("attributes") is not None:
+                        attrs[i] = np.asarray(rec["attributes"], np.float32)[:a]
+                        amask[i] = 1.0
+                out.update(attributes=attrs, attr_mask=amask)
+        if self.objective == "unit_ce":
+            out.update(self._units(records, replies))
+        return out
+
+    def _audio(self, records) -> Dict[str, np.ndarray]:
+        first = next((r for r in records if r is not None), None)
+        if first is None:
+            raise ValueError("a batch needs at least one real record")
+        keys = (("encoder_last", "encoder_layers") if "encoder_last" in first else ("mel",))
+        out = {}
+        for k in keys:
+            ref = np.asarray(first[k])
+            rows = []
+            for rec in records:
+                if rec is None:
+                    rows.append(np.zeros_like(ref))
+                    continue
+                if k not in rec:
+                    raise ValueError(f"record {rec.get('id', '?')} lacks {k!r} (every record of "
+                                     "a batch must carry the same audio features)")
+                x = np.asarray(rec[k])
+                if x.shape != ref.shape:
+                    raise ValueError(f"record {rec.get('id', '?')}: {k} has shape {x.shape}, "
+                                     f"expected {ref.shape} (pad / trim audio to one length)")
+                rows.append(x)
+            out[k] = np.stack(rows).astype(np.float32)
+        return out
+
+    def _teacher(self, records, replies) -> Dict[str, np.ndarray]:
+        """Teacher rows: the transcript prompt followed by the same reply tokens."""
+        b, t = len(records), _round_up(self.teacher_len + self.target_len, 8)
+        ids = np.full((b, t), self.tok.pad_id, np.int32)
+        att = np.zeros((b, t), np.int32)
+        tmask = np.zeros((b, t), np.float32)
+        for i, (rec, r) in enumerate(zip(records, replies)):
+            if rec is None:
+                ids[i, 0] = self.tok.pad_id
+                att[i, 0] = 1
+                continue
+            if rec.get("transcript") is None:
+                raise ValueError(f"record {rec.get('id', '?')}: the KL teacher needs a "
+                                 "transcript")
+            prompt = self.prompts.text_prompt(rec["transcript"])[: self.teacher_len]
+            row = prompt + r
+            ids[i, :len(row)] = row
+            att[i, :len(row)] = 1
+            tmask[i, len(prompt) - 1:len(row) - 1] = 1  # positions predicting reply tokens
+        return {"teacher_input_ids": ids, "teacher_attention_mask": att,
+                "teacher_loss_mask": tmask}
+
+    def _units(self, records, replies) -> Dict[str, np.ndarray]:
+        sd = self.model.speech_decoder
+        b, r_len, u_len = len(records), self.target_len, self.units_len
+        text_ids = np.zeros((b, r_len), np.int32)
+        unit_ids = np.zeros((b, u_len), np.int32)
+        text_lengths, unit_lengths = [], []
+        for i, (rec, r) in enumerate(zip(records, replies)):
+            if rec is None:
+                text_lengths.append(0)
+                unit_lengths.append(0)
+                continue
+            if rec.get("units") is None:
+                raise ValueError(f"record {rec.get('id', '?')}: stage 3 needs 'units'")
+            # The speech decoder reads the reply text tokens (EOS excluded) and their states.
+            text = [x for x in r if x != self.tok.eos_id]
+            units = [int(u) for u in rec["units"]][:u_len]
+            bad = [u for u in units if not 0 <= u < sd.unit_vocab_size]
+            if bad:
+                raise ValueError(f"record {rec.get('id', '?')}: unit ids {bad[:5]} outside "
+                                 f"[0, {sd.unit_vocab_size})")
+            text_ids[i, :len(text)] = text
+            unit_ids[i, :len(units)] = units
+            text_lengths.append(len(text))
+            unit_lengths.append(len(units))
+        seq = streaming.layout_length(r_len, u_len, sd.max_length)
+        layout = streaming.build_layout(text_lengths, unit_lengths, sd.stream_n, sd.stream_m,
+                                        sd.max_length, seq_len=seq)
+        from freezeempath_jax.train.step import layout_to_batch
+        out = {"reply_start": np.full((b,), len(self.prompt), np.int32),
+               "text_ids": text_ids, "unit_ids": unit_ids}
+        out.update(layout_to_batch(layout))
+        return out
+
+    def tokens_per_row(self) -> int:
+        """Sequence positions the LLM processes per row (for tokens/s)."""
+        n = self.seq_len
+        if self.objective == "distill_kl":
+            n += _round_up(self.teacher_len + self.target_len, 8)
+        return n
+
+
+def _round_up(n: int, k: int) -> int:
+    return int(math.ceil(n / k) * k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+class MemorySource:
+    """Endless, seeded, epoch-shuffled batches of records held in memory.
+
+    Each epoch is a fresh permutation of `seed` and the epoch number; the state is just
+    (epoch, position), so a restored source continues with exactly the batches an
+    uninterrupted run would have seen. `drop_remainder`: a batch never straddles epochs.
+    """
+
+    def __init__(self, records: Sequence[Mapping], batch_size: int, seed: int = 0,
+                 shuffle: bool = True):
+        if not records:
+            raise ValueError("MemorySource: no records")
+        if batch_size < 1:
+            raise ValueError(f"MemorySource: batch_size must be >= 1, got {batch_size}")
+        self.records, self.batch_size = list(records), batch_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        n = len(self.records)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> List[Mapping]:
+        n = len(self.records)
+        if self.batch_size <= n and self.position + self.batch_size > n:
+            self._next_epoch()
+        out: List[Mapping] = []
+        while len(out) < self.batch_size:  # loops only when batch_size > n
+            if self.position >= n:
+                self._next_epoch()
+            take = min(self.batch_size - len(out), n - self.position)
+            out += [self.records[j] for j in self._order[self.position:self.position + take]]
+            self.position += take
+        return out
+
+    def _next_epoch(self):
+        self.epoch += 1
+        self.position = 0
+        self._order = self._perm(self.epoch)
+
+    def get_state(self) -> dict:
+        return {"epoch": int(self.epoch), "position": int(self.position), "seed": self.seed,
+                "num_records": len(self.records)}
+
+    def set_state(self, state: Mapping) -> None:
+        if int(state["num_records"]) != len(self.records) or int(state["seed"]) != self.seed:
+            raise ValueError(f"data state {dict(state)} was saved for another source "
+                             f"({len(self.records)} records, seed {self.seed})")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._perm(self.epoch)
+
+
+class MixedSource:
+    """Stage 2b batches: `share` of each batch from source `a` (2a rows), the rest from `b`."""
+
+    def __init__(self, a: MemorySource, b: MemorySource):
+        self.a, self.b = a, b
+        self.batch_size = a.batch_size + b.batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.a) + next(self.b)
+
+    def get_state(self) -> dict:
+        return {"a": self.a.get_state(), "b": self.b.get_state()}
+
+    def set_state(self, state: Mapping) -> None:
+        self.a.set_state(state["a"])
+        self.b.set_state(state["b"])
+
+
+def eval_batches(records: Sequence[Mapping], batch_size: int, max_batches: Optional[int] = None
+                 ) -> List[List[Optional[Mapping]]]:
+    """Held-out records in order, in batches padded with None rows (masked out)."""
+    out = []
+    for i in range(0, len(records), batch_size):
+        chunk: List[Optional[Mapping]] = list(records[i:i + batch_size])
+        chunk += [None] * (batch_size - len(chunk))
+        out.append(chunk)
+        if max_batches is not None and len(out) >= max_batches:
+            break
+    return out
+
+
+def host_slice(rows: Sequence[Any], process_index: int, process_count: int) -> List[Any]:
+    """This host's contiguous share of a global batch (batch sharding is block-contiguous)."""
+    if len(rows) % process_count:
+        raise ValueError(f"global batch {len(rows)} does not split over {process_count} hosts")
+    n = len(rows) // process_count
+    return list(rows[process_index * n:(process_index + 1) * n])
+

@@ -1,0 +1,232 @@
+"""Default training ConfigDict sections that every file in `configs/` starts from, and the
+resolution of stage-dependent fields.
+
+Why resolution is lazy: ml_collections applies command-line overrides
+(`--config.stage=1 --config.train.lr=3e-4`) *after* `get_config()` returns, so `get_config()`
+cannot know the final stage. Stage-dependent fields are therefore `placeholder` values
+(None with a declared type, so overrides still parse as numbers) and the per-stage defaults
+live in the config itself as `config.recipes[stage]`. `resolve(config)`, called by the
+trainer, fills every field still None from the recipe of the chosen stage and leaves every
+field the user set alone:
+
+    config.train.lr / batch_size / epochs / steps   <- recipes[stage]
+    config.trainable                                <- recipes[stage].trainable, else the
+                                                       freezing table of
+                                                       `params.STAGE_TABLES[stage]`
+    config.loss.objective                           <- recipes[stage].objective, else
+                                                       the stage's (train.step.STAGE_OBJECTIVES)
+    config.train.eval_every                         <- train.ckpt_every
+
+`steps` given in the recipe wins over `epochs`; otherwise steps = ceil(epochs x
+data.num_train_examples / (batch_size)) once the data size is known (the trainer passes it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from freezeempath_jax import params as P_
+from freezeempath_jax.models.configs import to_dict
+from freezeempath_jax.sharding import DEFAULT_RULES
+
+# Stage names the trainer knows; "3" is shorthand for "3a" (speech decoder on TTS units).
+STAGES = ("1", "2a", "2b", "3a", "3b")
+STAGE_ALIASES = {"3": "3a"}
+
+# DESIGN.md section 5 recipe (paper). 3b's epoch count is not published: one epoch here.
+PAPER_RECIPES = {
+    "1": dict(lr=1e-3, batch_size=128, epochs=1.0),
+    "2a": dict(lr=2e-4, batch_size=128, epochs=3.0),
+    "2b": dict(lr=5e-6, batch_size=128, epochs=1.0),
+    "3a": dict(lr=5e-4, batch_size=32, epochs=5.0),
+    "3b": dict(lr=1e-5, batch_size=32, epochs=1.0),
+}
+
+
+def canonical_stage(stage: Any) -> str:
+    """"1", "2a", "2b", "3a", "3b" (accepts ints and the "3" alias); ValueError otherwise."""
+    s = str(stage).strip().lower()
+    s = STAGE_ALIASES.get(s, s)
+    if s not in STAGES:
+        raise ValueError(f"config.stage={stage!r} is not a training stage; choose one of "
+                         f"{list(STAGES)} (or '3' for '3a')")
+    return s
+
+
+def rules_as_lists(rules=DEFAULT_RULES) -> list:
+    """Sharding rules as config data: [[logical_name, mesh_axis_or_list_or_None], ...]."""
+    return [[name, list(axes) if isinstance(axes, tuple) else axes] for name, axes in rules]
+
+
+def train_section() -> ml_collections.ConfigDict:
+    """`config.train`: loop, optimizer, checkpoint and logging settings."""
+    t = ml_collections.ConfigDict()
+    # Stage-dependent (None until `resolve`): see the module docstring.
+    t.steps = config_dict.placeholder(int)
+    t.epochs = config_dict.placeholder(float)
+    t.batch_size = config_dict.placeholder(int)  # global batch (all hosts, all micro-batches)
+    t.lr = config_dict.placeholder(float)
+    t.eval_every = config_dict.placeholder(int)
+    t.warmup_frac = 0.03
+    t.schedule = "cosine"  # warmup + cosine decay (DESIGN.md section 5); the only one offered
+    t.end_lr_frac = 0.0
+    t.weight_decay = 0.0
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.eps = 1e-8
+    t.grad_clip = 1.0  # global-norm clip over trainable leaves; 0 disables
+    t.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide evenly)
+    t.seed = 0
+    t.frozen_dtype = "bfloat16"  # frozen parts (Whisper, LLM) are kept in this dtype
+    t.compute_dtype = config_dict.placeholder(str)  # None: each model part's own dtype
+    t.remat_policy = config_dict.placeholder(str)  # none | full | dots | dots_no_batch
+    t.log_every = 10
+    t.eval_batches = 4  # held-out batches per evaluation (0: all of the held-out set)
+    t.ckpt_every = 100
+    t.keep = 3  # checkpoints kept (keep-N)
+    t.async_ckpt = True
+    t.progress = True  # tqdm bar with ETA on the first host
+    t.peak_flops = config_dict.placeholder(float)  # per device, for MFU; None: guess by kind
+    t.nan_guard = True
+    t.tensorboard = True
+    return t
+
+
+def mesh_section(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
+    """`config.mesh`: sizes of (data, fsdp, tensor), one may be -1; logical-axis rules."""
+    m = ml_collections.ConfigDict()
+    m.shape = tuple(shape)
+    m.rules = rules_as_lists()
+    # [[regex over parameter paths, [mesh axis or None per dim]], ...] applied after the rules
+    m.overrides = ()
+    return m
+
+
+def loss_section() -> ml_collections.ConfigDict:
+    """`config.loss`: the objective (from the stage unless set) and its weights."""
+    l = ml_collections.ConfigDict()
+    # distill_ce | distill_kl | emotion_ce | unit_ce; None: the stage's own.
+    l.objective = config_dict.placeholder(str)
+    l.ser_weight = 0.8  # lambda of stages 2a/2b: CE + lambda x SER CE (the release uses 0)
+    l.attr_weight = 0.0  # RE-LLM arousal/valence/dominance MSE (needs num_attributes > 0)
+    l.kl_temperature = 1.0  # stage 1 KL variant
+    l.kl_ce_weight = 0.0  # stage 1 KL variant: + this x CE on the teacher's reply
+    l.mix_2a = 0.5  # stage 2b: share of each batch drawn from the 2a emotion task
+    return l
+
+
+def data_section() -> ml_collections.ConfigDict:
+    """`config.data`: where records come from and the static shapes batches are cut to.
+
+    kind: "synthetic" (eSpeak emotional corpus built into `data.dir` on first use),
+    "manifest" (JSONL files `train` / `eval`), or "memory" (records passed to `train()` by a
+    caller, as tests do).
+    """
+    d = ml_collections.ConfigDict()
+    d.kind = "synthetic"
+    d.dir = ""  # corpus folder for kind=synthetic ("" -> <workdir>/data)
+    d.train = ""  # manifest paths for kind=manifest
+    d.eval = ""
+    d.num_per_emotion = 24
+    d.languages = ("en",)
+    d.corpus_seed = 0
+    d.split_fractions = (0.8, 0.1, 0.1)  # synthetic corpus: train / validation / test
+    d.audio_seconds = 30.0  # clips are padded / trimmed to this (30 s for real Whisper)
+    d.cache_encoder = False  # run the frozen encoder once per clip and train on its outputs
+    d.prompt_len = 0  # 0: computed from the template and the number of speech tokens
+    d.target_len = 16  # reply tokens (+ EOS), right-padded / cut
+    d.teacher_len = 96  # stage 1 KL: teacher prompt tokens (transcript in the chat frame)
+    d.stage1_template = "<speech>"  # stage 1 user turn (the emotion part comes with stage 2)
+    d.units_len = 64  # stage 3: unit tokens per example
+    d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
+    d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)
+    d.shuffle_seed = 0
+    d.num_train_examples = config_dict.placeholder(int)  # filled from the data when known
+    return d
+
+
+def init_section() -> ml_collections.ConfigDict:
+    """`config.init`: where parameters come from. Empty paths mean random init (tiny models).
+
+    whisper / llm / freezeempath: checkpoint paths for the loaders of `checkpoints`;
+    previous: workdirs of earlier stages whose trained parts are merged in (stage 2 starts
+    from stage 1's projector).
+    """
+    i = ml_collections.ConfigDict()
+    i.whisper = ""
+    i.llm = ""
+    i.freezeempath = ""
+    i.previous = ()
+    return i
+
+
+def base_config(model, recipes: Mapping[str, Mapping[str, Any]], stage: str = "2a"
+                ) -> ml_collections.ConfigDict:
+    """A full training config around `model` (a FreezeEmpathConfig preset) with per-stage
+    `recipes` ({stage: {lr, batch_size, epochs | steps, trainable?, loss?}})."""
+    for name in recipes:
+        canonical_stage(name)
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model = to_dict(model)
+    c.recipes = {k: dict(v) for k, v in recipes.items()}
+    c.train = train_section()
+    c.mesh = mesh_section()
+    c.trainable = config_dict.placeholder(tuple)  # ((regex, "trainable"|"frozen"), ...)
+    c.loss = loss_section()
+    c.data = data_section()
+    c.init = init_section()
+    return c
+
+
+def resolve(config: ml_collections.ConfigDict, num_train_examples: Optional[int] = None
+            ) -> ml_collections.ConfigDict:
+    """A copy of `config` with the stage canonicalised and every stage-dependent None field
+    filled from `config.recipes[stage]` (see the module docstring). Explicit values win."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.stage = canonical_stage(c.stage)
+        recipes = c.recipes.to_dict() if hasattr(c.recipes, "to_dict") else dict(c.recipes)
+        recipe = recipes.get(c.stage)
+        if recipe is None:
+            raise ValueError(f"config has no recipe for stage {c.stage!r} (config.recipes has "
+                             f"{sorted(recipes)})")
+        known = {"lr", "batch_size", "epochs", "steps", "trainable", "objective", "eval_every"}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(f"config.recipes[{c.stage!r}] has unknown keys {unknown}; "
+                             f"known: {sorted(known)}")
+        t = c.train
+        for key in ("lr", "batch_size", "epochs", "steps"):
+            if t[key] is None and recipe.get(key) is not None:
+                t[key] = recipe[key]
+        if t.lr is None or t.batch_size is None:
+            raise ValueError(f"stage {c.stage}: train.lr and train.batch_size must be set "
+                             "(in the recipe or on the command line)")
+        if num_train_examples is not None and c.data.num_train_examples is None:
+            c.data.num_train_examples = int(num_train_examples)
+        if t.steps is None:
+            if t.epochs is None or c.data.num_train_examples is None:
+                raise ValueError(f"stage {c.stage}: set train.steps, or train.epochs with a "
+                                 "known number of training examples")
+            t.steps = max(1, int(math.ceil(t.epochs * c.data.num_train_examples
+                                           / t.batch_size)))
+        if t.eval_every is None:
+            t.eval_every = recipe.get("eval_every") or t.ckpt_every
+        if c.loss.objective is None:
+            from freezeempath_jax.train.step import STAGE_OBJECTIVES
+            c.loss.objective = recipe.get("objective") or STAGE_OBJECTIVES[c.stage]
+        if c.trainable is None:
+            table = recipe.get("trainable")
+            c.trainable = tuple(tuple(e) for e in (table or P_.stage_table(c.stage)))
+        else:
+            c.trainable = P_.normalize_table(c.trainable)
+        if t.batch_size % t.grad_accum:
+            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
+                             f"train.grad_accum={t.grad_accum}")
+    return c

@@ -1,0 +1,211 @@
+"""Training objectives as pure functions of model outputs and batch arrays.
+
+Conventions (every batch array has the batch on axis 0):
+- Next-token targets are *aligned with the input positions*: `targets[b, t]` is the token
+  position t must predict (usually `input_ids[b, t + 1]`) and `loss_mask[b, t]` is 1 where that
+  prediction is trained (reply tokens only). `next_token_targets` builds both.
+- Every loss is a normalised sum: `sum(per-item loss) / denominator`. The denominators
+  (`norm`, e.g. {"tokens": ..., "ser_examples": ...}) default to this batch's counts, giving
+  plain means. The train step passes the counts of the *whole* batch to each microbatch, so
+  the sum over microbatches equals the full-batch loss exactly.
+- Each function returns `(loss, sums)`: `sums` holds additive statistics (loss sums, correct
+  counts, item counts) that can be added over microbatches and turned into metrics by
+  `finalize_metrics`.
+
+Batch keys read here:
+  stage 1 (`distill_ce`): targets [B, T] int, loss_mask [B, T].
+  stage 1 KL (`distill_kl`): loss_mask [B, T] (student positions predicting reply tokens),
+      teacher_loss_mask [B, T'] (teacher positions predicting the same reply tokens, in order),
+      targets (only when ce_weight > 0).
+  stage 2a/2b (`emotion_ce`): targets, loss_mask, emotion_label [B] int (-1: no label, e.g.
+      2b rows), optional attributes [B, A] float and attr_mask [B].
+  stage 3 (`unit_ce`): unit targets [B, S] and loss mask [B, S] from the streaming layout.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Sums = Dict[str, jax.Array]
+
+
+def next_token_targets(input_ids, target_mask):
+    """(targets, loss_mask) aligned with input positions from ids [B, T] and a mask [B, T] of
+    the tokens to be predicted (1 on reply tokens): position t predicts token t + 1."""
+    input_ids = jnp.asarray(input_ids)
+    target_mask = jnp.asarray(target_mask)
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    loss_mask = jnp.concatenate([target_mask[:, 1:], jnp.zeros_like(target_mask[:, :1])], axis=1)
+    return targets, loss_mask.astype(jnp.float32)
+
+
+def _denominator(norm: Optional[Mapping], key: str, count):
+    n = count if norm is None or key not in norm else norm[key]
+    return jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+
+
+def token_ce_sums(logits, targets, mask) -> Sums:
+    """Summed next-token cross-entropy (float32) and greedy-correct count over `mask`."""
+    logits = logits.astype(jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"ce_sum": jnp.sum((logz - gold) * mask), "token_correct": jnp.sum(correct * mask),
+            "tokens": jnp.sum(mask)}
+
+
+def classification_sums(logits, labels) -> Sums:
+    """Summed CE and correct count over rows with `labels >= 0` (-1 marks "no label")."""
+    logits = logits.astype(jnp.float32)
+    valid = (labels >= 0).astype(jnp.float32)
+    safe = jnp.where(labels >= 0, labels, 0).astype(jnp.int32)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[:, None], -1)[:, 0]
+    correct = (jnp.argmax(logits, -1) == safe).astype(jnp.float32)
+    return {"ser_sum": jnp.sum(nll * valid), "ser_correct": jnp.sum(correct * valid),
+            "ser_examples": jnp.sum(valid)}
+
+
+def mse_sums(pred, target, mask=None) -> Sums:
+    """Summed per-row mean squared error over the attribute dimension (rows where mask=1)."""
+    pred, target = pred.astype(jnp.float32), jnp.asarray(target, jnp.float32)
+    m = jnp.ones(pred.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    per_row = jnp.mean(jnp.square(pred - target), axis=-1)
+    return {"attr_sum": jnp.sum(per_row * m), "attr_examples": jnp.sum(m)}
+
+
+def _rank_positions(mask):
+    """For a 0/1 mask [B, T]: rank [B, T] of each marked position among the marked ones (0-based)
+    and, for every rank k, the position holding it: where [B, T] (searchsorted on the cumsum)."""
+    cs = jnp.cumsum(mask.astype(jnp.int32), axis=1)
+    rank = cs - 1
+    ks = jnp.arange(1, mask.shape[1] + 1)
+    where = jax.vmap(lambda c: jnp.searchsorted(c, ks, side="left"))(cs)
+    return rank, where, cs[:, -1]
+
+
+def kl_sums(student_logits, student_mask, teacher_logits, teacher_mask,
+            temperature: float = 1.0) -> Sums:
+    """Summed KL(teacher || student) over aligned reply positions.
+
+    The k-th marked student position is compared with the k-th marked teacher position (the
+    same reply token seen after a speech prompt and after a transcript prompt); ranks beyond
+    the shorter of the two counts are ignored. Distributions are softmax(logits / temperature);
+    the sum is scaled by temperature**2 so gradients keep their size across temperatures.
+    """
+    s_mask = jnp.asarray(student_mask) > 0
+    s_rank, _, _ = _rank_positions(s_mask)
+    _, t_where, t_count = _rank_positions(jnp.asarray(teacher_mask) > 0)
+    tt = teacher_logits.shape[1]
+    # Teacher position holding the same rank as each student position.
+    t_pos = jnp.take_along_axis(t_where, jnp.clip(s_rank, 0, tt - 1), axis=1)
+    valid = s_mask & (s_rank < t_count[:, None])
+    t_pos = jnp.clip(jnp.where(valid, t_pos, 0), 0, tt - 1)
+    t_logits = jnp.take_along_axis(teacher_logits, t_pos[..., None], axis=1)
+    inv_t = 1.0 / temperature
+    log_p_t = jax.nn.log_softmax(t_logits.astype(jnp.float32) * inv_t, axis=-1)
+    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) * inv_t, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1) * temperature ** 2
+    v = valid.astype(jnp.float32)
+    return {"kl_sum": jnp.sum(kl * v), "kl_tokens": jnp.sum(v)}
+
+
+def distill_ce(logits, batch, norm: Optional[Mapping] = None) -> Tuple[jax.Array, Sums]:
+    """Stage 1: CE of the frozen LLM (fed the spliced speech prompt) on the teacher's reply
+    tokens (the frozen LLM's own reply to the transcript); mean over reply tokens."""
+    s = token_ce_sums(logits, batch["targets"], batch["loss_mask"])
+    return s["ce_sum"] / _denominator(norm, "tokens", s["tokens"]), s
+
+
+def distill_kl(student_logits, teacher_logits, batch, norm: Optional[Mapping] = None,
+               temperature: float = 1.0, ce_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
+    """Stage 1, KL variant: KL(teacher || student) per reply token, where the teacher is the same
+    frozen LLM reading the transcript prompt + reply (pass its logits under stop_gradient),
+    plus `ce_weight` x the CE of `distill_ce`."""
+    s = kl_sums(student_logits, batch["loss_mask"], jax.lax.stop_gradient(teacher_logits),
+                batch["teacher_loss_mask"], temperature)
+    loss = s["kl_sum"] / _denominator(norm, "kl_tokens", s["kl_tokens"])
+    if ce_weight:
+        ce = token_ce_sums(student_logits, batch["targets"], batch["loss_mask"])
+        s.update(ce)
+        loss = loss + ce_weight * ce["ce_sum"] / _denominator(norm, "tokens", ce["tokens"])
+    return loss, s
+
+
+def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
+               ser_weight: float = 0.8, attr_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
+    """Stages 2a/2b (and BLSP-Emo's emotion-aware continuation): CE on the LLM's reply tokens
+    (naming the emotion in 2a, the empathetic reply in 2b) + `ser_weight` x SER-head CE over
+    labelled rows + `attr_weight` x MSE on arousal/valence/dominance (RE-LLM recipe)."""
+    s = token_ce_sums(logits, batch["targets"], batch["loss_mask"])
+    loss = s["ce_sum"] / _denominator(norm, "tokens", s["tokens"])
+    if "emotion_label" in batch:
+        ser = classification_sums(ser_logits, batch["emotion_label"])
+        s.update(ser)
+        if ser_weight:
+            loss = loss + ser_weight * ser["ser_sum"] / _denominator(
+                norm, "ser_examples", ser["ser_examples"])
+    if attr_weight:
+        if attributes is None or "attributes" not in batch:
+            raise ValueError("attr_weight > 0 needs an attribute head (EmotionConfig."
+                             "num_attributes > 0) and batch['attributes']")
+        a = mse_sums(attributes, batch["attributes"], batch.get("attr_mask"))
+        s.update(a)
+        loss = loss + attr_weight * a["attr_sum"] / _denominator(
+            norm, "attr_examples", a["attr_examples"])
+    return loss, s
+
+
+def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
+            ) -> Tuple[jax.Array, Sums]:
+    """Stage 3: CE on speech unit / EOS targets of the streaming layout, mean over targets."""
+    s = token_ce_sums(logits, targets, loss_mask)
+    return s["ce_sum"] / _denominator(norm, "tokens", s["tokens"]), s
+
+
+def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.Array]:
+    """Whole-batch denominators of `objective` ("distill_ce", "distill_kl", "emotion_ce",
+    "unit_ce"), computed from masks alone (no model pass)."""
+    f32 = jnp.float32
+    if objective == "unit_ce":
+        m = batch["layout_loss_mask"] if layout_loss_mask is None else layout_loss_mask
+        return {"tokens": jnp.sum(jnp.asarray(m, f32))}
+    out = {"tokens": jnp.sum(jnp.asarray(batch["loss_mask"], f32))}
+    if objective == "distill_kl":
+        out["kl_tokens"] = jnp.sum(jnp.minimum(
+            jnp.sum(jnp.asarray(batch["loss_mask"]) > 0, axis=1),
+            jnp.sum(jnp.asarray(batch["teacher_loss_mask"]) > 0, axis=1)).astype(f32))
+    if objective == "emotion_ce":
+        if "emotion_label" in batch:
+            out["ser_examples"] = jnp.sum((batch["emotion_label"] >= 0).astype(f32))
+        if "attributes" in batch:
+            m = batch.get("attr_mask")
+            out["attr_examples"] = (jnp.asarray(batch["attributes"].shape[0], f32) if m is None
+                                    else jnp.sum(jnp.asarray(m, f32)))
+    return out
+
+
+def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Metrics from (microbatch-summed) statistics: loss_ce, token_accuracy, num_tokens,
+    loss_kl, loss_ser, ser_accuracy, num_ser_examples, loss_attr (only those present)."""
+    out = {}
+
+    def ratio(a, b):
+        return sums[a] / jnp.maximum(sums[b], 1.0)
+
+    if "ce_sum" in sums:
+        out["loss_ce"] = ratio("ce_sum", "tokens")
+        out["token_accuracy"] = ratio("token_correct", "tokens")
+        out["num_tokens"] = sums["tokens"]
+    if "kl_sum" in sums:
+        out["loss_kl"] = ratio("kl_sum", "kl_tokens")
+    if "ser_sum" in sums:
+        out["loss_ser"] = ratio("ser_sum", "ser_examples")
+        out["ser_accuracy"] = ratio("ser_correct", "ser_examples")
+        out["num_ser_examples"] = sums["ser_examples"]
+    if "attr_sum" in sums:
+        out["loss_attr"] = ratio("attr_sum", "attr_examples")
+    return out

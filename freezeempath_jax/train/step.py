@@ -1,0 +1,621 @@
+"""The sharded train and eval steps.
+
+`make_train_step(model_config, train_config, mesh, rules)` returns a `TrainStep` holding:
+- `init(rng) -> (state, frozen)`: random parameters created directly in their shardings;
+- `from_params(params, rng) -> (state, frozen)`: loaded weights (a full or partial unboxed
+  tree; missing leaves are initialised randomly, e.g. a fresh projector next to a loaded LLM);
+- `step(state, frozen, batch) -> (state, metrics)`: one optimizer update, jitted once with
+  explicit in/out shardings and the state donated;
+- `eval(state, frozen, batch) -> metrics`;
+- the shardings and abstract shapes of state / frozen, for checkpoint restore and AOT plans.
+
+Inside the step the trainable subtree (fp32 master weights) is merged with the frozen subtree
+(bf16 by default) and the model runs in its config's compute dtype; gradients are taken with
+respect to the trainable subtree only, so the backward pass through the frozen LLM computes
+activation gradients and no weight gradients. Gradient accumulation is a `lax.scan` over
+microbatches that adds gradients of exactly normalised losses (see `losses`): the result
+equals the full-batch gradient.
+
+Batch keys (all with the batch on axis 0; see `losses` for the targets):
+  audio: `mel` [B, n_mels, frames], or cached encoder outputs `encoder_last` [B, T, d] and
+      `encoder_layers` [B, L, T, d] (batch-major; the model's [L, B, T, d] is made inside);
+  prompt: `input_ids` [B, T] (placeholders expanded), `attention_mask` [B, T], `targets`,
+      `loss_mask`; stage 1 KL adds `teacher_input_ids`, `teacher_attention_mask`,
+      `teacher_loss_mask`; stages 2a/2b add `emotion_label` [B] (-1 = none), optionally
+      `attributes` [B, A] and `attr_mask` [B];
+  stage 3: `reply_start` [B] (index of the first reply token in `input_ids`), `text_ids` [B, R]
+      (reply tokens), `unit_ids` [B, U], and the streaming layout as `layout_kind`,
+      `layout_index`, `layout_attention_mask`, `layout_loss_mask`, `layout_lengths`
+      (`layout_to_batch`); or `llm_hidden_prev` [B, R, H] precomputed instead of audio+prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from freezeempath_jax import params as P_
+from freezeempath_jax import sharding
+from freezeempath_jax.models import streaming
+from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dtype
+from freezeempath_jax.models.freezeempath import FreezeEmpath
+from freezeempath_jax.train import losses
+from freezeempath_jax.train import optimizer as opt_lib
+from freezeempath_jax.train import state as state_lib
+from freezeempath_jax.train.state import TrainState
+
+STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
+                    "3a": "unit_ce", "3b": "unit_ce"}
+OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "unit_ce")
+LAYOUT_KEYS = ("kind", "index", "attention_mask", "loss_mask", "lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What the step needs (config data; the loop adds its own keys beside these).
+
+    stage: "1", "2a", "2b", "3a", "3b". objective: None = the stage's default
+    (1: distill_ce, 2a/2b: emotion_ce, 3a/3b: unit_ce; "distill_kl" is the stage 1 variant).
+    trainable_table: [[regex, "trainable"|"frozen"], ...] or None for the stage's default.
+    frozen_dtype: storage dtype of frozen parameters. compute_dtype / remat_policy: when set,
+    override every component's dtype / remat policy in the model config.
+    steps, warmup_fraction, ...: the optimizer schedule (`optimizer.make_optimizer`).
+    batch_size: global batch (rows per step); microbatches: gradient-accumulation splits.
+    sharding_overrides: [[regex, [mesh axis or null per dim]], ...] applied after the rules.
+    """
+
+    stage: str = "2a"
+    objective: Optional[str] = None
+    trainable_table: Optional[Tuple[Tuple[str, str], ...]] = None
+    frozen_dtype: str = "bfloat16"
+    compute_dtype: Optional[str] = None
+    remat_policy: Optional[str] = None
+    steps: int = 1000
+    batch_size: int = 128
+    microbatches: int = 1
+    learning_rate: float = 2e-4
+    warmup_fraction: float = 0.03
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip_norm: Optional[float] = 1.0
+    no_decay_regex: str = P_.NO_DECAY_REGEX
+    ser_weight: float = 0.8
+    attr_weight: float = 0.0
+    kl_temperature: float = 1.0
+    kl_ce_weight: float = 0.0
+    sharding_overrides: Optional[Tuple[Tuple[str, Any], ...]] = None
+    seed: int = 0
+
+    @property
+    def resolved_objective(self) -> str:
+        obj = self.objective or STAGE_OBJECTIVES.get(str(self.stage))
+        if obj not in OBJECTIVES:
+            raise ValueError(f"TrainConfig: no objective for stage {self.stage!r} "
+                             f"(objective={self.objective!r}); choose one of {OBJECTIVES}")
+        return obj
+
+    @property
+    def table(self):
+        return P_.stage_table(self.stage, self.trainable_table)
+
+    @classmethod
+    def from_dict(cls, d, allow_extra: bool = False) -> "TrainConfig":
+        """From a mapping / ConfigDict. Unknown keys raise unless `allow_extra` (then they are
+        left for the caller, e.g. the loop's own settings)."""
+        if isinstance(d, TrainConfig):
+            return d
+        if hasattr(d, "to_dict"):
+            d = d.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        if allow_extra:
+            d = {k: v for k, v in d.items() if k in names}
+        d = dict(d)
+        for key in ("trainable_table", "sharding_overrides"):
+            if d.get(key) is not None:
+                d[key] = tuple(tuple(e) for e in d[key])
+        if "stage" in d:
+            d["stage"] = str(d["stage"])
+        return from_dict(cls, d)
+
+
+def with_overrides(config: FreezeEmpathConfig, compute_dtype=None, remat_policy=None
+                   ) -> FreezeEmpathConfig:
+    """The model config with every component's compute dtype and/or remat policy replaced."""
+    def lm(c):
+        kw = {}
+        if compute_dtype is not None:
+            kw["dtype"] = compute_dtype
+        if remat_policy is not None:
+            kw["remat_policy"] = remat_policy
+        return dataclasses.replace(c, **kw)
+
+    kw = {"whisper": lm(config.whisper), "llm": lm(config.llm)}
+    if compute_dtype is not None:
+        kw["dtype"] = compute_dtype
+    if config.speech_decoder is not None:
+        kw["speech_decoder"] = dataclasses.replace(config.speech_decoder,
+                                                   lm=lm(config.speech_decoder.lm))
+    return dataclasses.replace(config, **kw)
+
+
+def layout_to_batch(layout: streaming.StreamLayout) -> Dict[str, np.ndarray]:
+    """Batch entries (`layout_kind`, ...) of a streaming layout, so it shards like the rest."""
+    return {f"layout_{k}": np.asarray(getattr(layout, k)) for k in LAYOUT_KEYS}
+
+
+def layout_from_batch(batch) -> streaming.StreamLayout:
+    missing = [f"layout_{k}" for k in LAYOUT_KEYS if f"layout_{k}" not in batch]
+    if missing:
+        raise ValueError(f"stage 3 batch lacks {missing} (use step.layout_to_batch)")
+    return streaming.StreamLayout(**{k: batch[f"layout_{k}"] for k in LAYOUT_KEYS})
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when the environment describes a multi-process job
+    (JAX_COORDINATOR_ADDRESS, a SLURM allocation of several tasks, a multi-host TPU slice,
+    Open MPI); a no-op on a single machine. Returns whether it initialised."""
+    env = os.environ
+    if env.get("FREEZEEMPATH_NO_DISTRIBUTED"):
+        return False
+    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+        return False
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        pass  # jax's cluster detection reads the SLURM variables
+    elif "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"]:
+        pass  # multi-host TPU slice: detected from the TPU metadata
+    elif int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        pass
+    else:
+        return False
+    logging.info("jax.distributed.initialize(%s)", kwargs)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: int, *,
+                  mel_frames: Optional[int] = None, reply_len: int = 8, prompt_len: int = 4,
+                  unit_len: int = 12, seed: int = 0, abstract: bool = False
+                  ) -> Dict[str, Any]:
+    """A synthetic batch in the format `objective` reads (module docstring), for smoke runs,
+    tests and AOT plans (`abstract=True` gives `jax.ShapeDtypeStruct`s, allocating nothing).
+
+    Layout per row: `prompt_len` text tokens, the speech placeholders (as many as the adapter
+    emits), the emotion placeholders (not for distill objectives), `prompt_len` more text
+    tokens, then a reply of up to `reply_len` tokens; rows have different reply lengths and
+    are right-padded. Token ids avoid the placeholder ids.
+    """
+    c = model_config
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    frames = mel_frames or 2 * c.whisper.max_source_positions
+    t_enc = frames // 2
+    if c.projector.type == "linear":
+        n_speech = t_enc // c.projector.k
+    else:
+        from freezeempath_jax.models.adapters import conv_output_length
+        n_speech = conv_output_length(t_enc, c.projector)
+    n_emo = 0 if objective.startswith("distill") else c.emotion.num_queries
+    b, r = batch_size, reply_len
+    t = 2 * prompt_len + n_speech + n_emo + r
+    i32, f32 = np.int32, np.float32
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    if abstract:
+        out = {"mel": spec((b, c.whisper.n_mels, frames), f32), "input_ids": spec((b, t), i32),
+               "attention_mask": spec((b, t), i32), "targets": spec((b, t), i32),
+               "loss_mask": spec((b, t), f32)}
+        if objective == "distill_kl":
+            tt = 2 * prompt_len + r
+            out.update(teacher_input_ids=spec((b, tt), i32),
+                       teacher_attention_mask=spec((b, tt), i32),
+                       teacher_loss_mask=spec((b, tt), f32))
+        if objective == "emotion_ce":
+            out["emotion_label"] = spec((b,), i32)
+            if c.emotion.num_attributes:
+                out["attributes"] = spec((b, c.emotion.num_attributes), f32)
+                out["attr_mask"] = spec((b,), f32)
+        if objective == "unit_ce":
+            s_len = r + unit_len + 2
+            out.update(reply_start=spec((b,), i32), text_ids=spec((b, r), i32),
+                       unit_ids=spec((b, unit_len), i32),
+                       **{f"layout_{k}": spec((b, s_len) if k != "lengths" else (b,),
+                                              f32 if k == "loss_mask" else i32)
+                          for k in LAYOUT_KEYS})
+        return out
+
+    rng = np.random.default_rng(seed)
+    vocab = c.llm.vocab_size
+    holders = {c.speech_token_id, c.emotion_token_id}
+
+    def tokens(shape):
+        x = rng.integers(5, vocab, shape)
+        for h in holders:
+            x = np.where(x == h, (h + 1 + np.arange(x.size).reshape(shape) % 7) % vocab, x)
+        return x.astype(i32)
+
+    reply_lens = np.array([max(1, r - (i % 3)) for i in range(b)])
+    head = [tokens((b, prompt_len)), np.full((b, n_speech), c.speech_token_id, i32),
+            np.full((b, n_emo), c.emotion_token_id, i32), tokens((b, prompt_len))]
+    prompt = np.concatenate(head, axis=1)
+    reply = tokens((b, r))
+    valid_reply = np.arange(r)[None, :] < reply_lens[:, None]
+    reply = np.where(valid_reply, reply, 0).astype(i32)
+    ids = np.concatenate([prompt, reply], axis=1)
+    attn = np.concatenate([np.ones_like(prompt), valid_reply.astype(i32)], axis=1)
+    reply_mask = np.concatenate([np.zeros_like(prompt), valid_reply.astype(i32)], axis=1)
+    targets, loss_mask = losses.next_token_targets(ids, reply_mask)
+    out = {"mel": rng.normal(size=(b, c.whisper.n_mels, frames)).astype(f32),
+           "input_ids": ids, "attention_mask": attn, "targets": np.asarray(targets),
+           "loss_mask": np.asarray(loss_mask)}
+    if objective == "distill_kl":
+        tprompt = tokens((b, 2 * prompt_len))
+        tids = np.concatenate([tprompt, reply], axis=1)
+        tmask = np.concatenate([np.zeros_like(tprompt), valid_reply.astype(i32)], axis=1)
+        out.update(teacher_input_ids=tids,
+                   teacher_attention_mask=np.concatenate([np.ones_like(tprompt),
+                                                          valid_reply.astype(i32)], axis=1),
+                   teacher_loss_mask=np.asarray(losses.next_token_targets(tids, tmask)[1]))
+    if objective == "emotion_ce":
+        labels = rng.integers(0, c.emotion.num_classes, (b,)).astype(i32)
+        labels[1::4] = -1  # some rows without an emotion label (stage 2b mixing)
+        out["emotion_label"] = labels
+        if c.emotion.num_attributes:
+            out["attributes"] = rng.normal(size=(b, c.emotion.num_attributes)).astype(f32)
+            out["attr_mask"] = np.ones((b,), f32)
+    if objective == "unit_ce":
+        sd = c.speech_decoder
+        unit_lens = np.array([max(1, unit_len - 2 * (i % 3)) for i in range(b)])
+        layout = streaming.build_layout(reply_lens, unit_lens, sd.stream_n, sd.stream_m,
+                                        sd.max_length, seq_len=r + unit_len + 2)
+        units = rng.integers(0, sd.unit_vocab_size, (b, unit_len)).astype(i32)
+        out.update(reply_start=np.full((b,), prompt.shape[1], i32), text_ids=reply,
+                   unit_ids=units, **layout_to_batch(layout))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: model passes feeding the pure losses.
+
+
+def _encoder_states(batch):
+    if "encoder_last" in batch:
+        return (batch["encoder_last"], jnp.swapaxes(batch["encoder_layers"], 0, 1))
+    return None
+
+
+def _student(model, params, batch, return_logits=True):
+    enc = _encoder_states(batch)
+    return model.apply({"params": params}, mel=None if enc is not None else batch["mel"],
+                       input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       encoder_states=enc, return_logits=return_logits)
+
+
+def _decoder_logits(module: FreezeEmpath, h_prev, text_ids, unit_ids, layout):
+    dec = module.speech_decoder
+    x, targets = dec.layout_inputs(h_prev, text_ids, unit_ids, layout)
+    out = dec(x, attention_mask=jnp.asarray(layout.attention_mask))
+    return out.logits, targets
+
+
+def _reply_hidden(model, params, batch):
+    """h_{t-1} for every reply token t: the frozen LLM's last hidden state at the position
+    before it, from a forward pass over prompt + reply (no gradient: all of it is frozen)."""
+    if "llm_hidden_prev" in batch:
+        return batch["llm_hidden_prev"]
+    out = _student(model, params, batch, return_logits=False)
+    h = jax.lax.stop_gradient(out.hidden_states)
+    r = batch["text_ids"].shape[1]
+    pos = batch["reply_start"][:, None] - 1 + jnp.arange(r)[None, :]
+    pos = jnp.clip(pos, 0, h.shape[1] - 1)
+    return jnp.take_along_axis(h, pos[..., None], axis=1)
+
+
+def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
+    """(params, batch, norm) -> (loss, sums) for the configured objective."""
+    obj = cfg.resolved_objective
+
+    if obj == "distill_ce":
+        def f(params, batch, norm):
+            return losses.distill_ce(_student(model, params, batch).logits, batch, norm)
+    elif obj == "distill_kl":
+        def f(params, batch, norm):
+            student = _student(model, params, batch).logits
+            teacher = model.apply({"params": params}, input_ids=batch["teacher_input_ids"],
+                                  attention_mask=batch.get("teacher_attention_mask"),
+                                  method=FreezeEmpath.llm_forward).logits
+            return losses.distill_kl(student, jax.lax.stop_gradient(teacher), batch, norm,
+                                     cfg.kl_temperature, cfg.kl_ce_weight)
+    elif obj == "emotion_ce":
+        def f(params, batch, norm):
+            out = _student(model, params, batch)
+            return losses.emotion_ce(out.logits, out.ser_logits, batch, out.attributes, norm,
+                                     ser_weight=cfg.ser_weight, attr_weight=cfg.attr_weight)
+    else:  # unit_ce
+        if model.config.speech_decoder is None:
+            raise ValueError("objective unit_ce needs a model config with a speech_decoder")
+
+        def f(params, batch, norm):
+            layout = layout_from_batch(batch)
+            h_prev = _reply_hidden(model, params, batch)
+            logits, targets = model.apply({"params": params}, h_prev, batch["text_ids"],
+                                          batch["unit_ids"], layout, method=_decoder_logits)
+            return losses.unit_ce(logits, targets, layout.loss_mask, norm)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _dedup_logical_names(boxed):
+    """Replaces repeated logical names within one parameter by None (a mesh axis can shard
+    only one dimension; e.g. a square conv kernel named (k, audio_embed, audio_embed))."""
+    def one(x):
+        if not isinstance(x, nn.LogicallyPartitioned):
+            return x
+        seen, names = set(), []
+        for n in x.names:
+            names.append(None if n is not None and n in seen else n)
+            seen.add(n)
+        return x.replace(names=tuple(names))
+    return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_axes(rules) -> Any:
+    """Mesh axes the batch dimension is sharded over (the rule for "activation_batch")."""
+    for name, axes in rules:
+        if name == "activation_batch":
+            return axes
+    return None
+
+
+def split_microbatches(batch, n: int, axes=None):
+    """[B, ...] -> [n, B/n, ...] per leaf, microbatch i taking rows i, i+n, i+2n, ...: with the
+    batch sharded in contiguous blocks every device keeps its share of each microbatch."""
+    def one(x):
+        b = x.shape[0]
+        if b % n:
+            raise ValueError(f"batch of {b} rows does not split into {n} microbatches")
+        y = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+        if axes is not None:
+            y = jax.lax.with_sharding_constraint(y, P(None, axes))
+        return y
+    return jax.tree.map(one, batch)
+
+
+class _Sharded:
+    """A jitted function called under the mesh and the logical-axis rules (both are read at
+    trace time by `nn.with_logical_constraint`)."""
+
+    def __init__(self, fn, mesh: Mesh, rules):
+        self.fn, self.mesh, self.rules = fn, mesh, rules
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.fn.lower(*args)
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """Everything built by `make_train_step` (see the module docstring)."""
+
+    model: FreezeEmpath
+    model_config: FreezeEmpathConfig
+    train_config: TrainConfig
+    mesh: Mesh
+    rules: Any
+    table: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: TrainState
+    frozen_shardings: Any
+    batch_sharding: NamedSharding
+    abstract_state: TrainState
+    abstract_frozen: Any
+    init: Callable
+    from_params: Callable
+    step: _Sharded
+    eval: _Sharded
+    param_shardings: Any  # full (unboxed) tree
+
+
+def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES) -> TrainStep:
+    """Builds the model, optimizer, shardings and the jitted init / step / eval functions."""
+    cfg = TrainConfig.from_dict(train_config)
+    rules = sharding.rules_from_config(rules)
+    model_config = with_overrides(model_config, cfg.compute_dtype, cfg.remat_policy)
+    model = FreezeEmpath(model_config)
+    table = cfg.table
+    objective = cfg.resolved_objective
+    if cfg.microbatches < 1:
+        raise ValueError(f"TrainConfig.microbatches must be >= 1, got {cfg.microbatches}")
+
+    tx = opt_lib.make_optimizer(
+        table, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+        warmup_fraction=cfg.warmup_fraction, end_lr_fraction=cfg.end_lr_fraction,
+        weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        grad_clip_norm=cfg.grad_clip_norm, no_decay_regex=cfg.no_decay_regex)
+    schedule = opt_lib.make_schedule(cfg.learning_rate, cfg.steps, cfg.warmup_fraction,
+                                     cfg.end_lr_fraction)
+
+    # Shapes and shardings, all abstract (nothing is allocated here).
+    boxed = state_lib.abstract_boxed_params(model_config)
+    full_abstract = nn.meta.unbox(boxed)
+    labels = P_.label_tree(full_abstract, table)
+    if P_.TRAINABLE not in set(jax.tree.leaves(labels)):
+        raise ValueError(f"stage {cfg.stage!r}: the table {list(table)} marks no parameter "
+                         "of this model trainable")
+    full_sh = sharding.param_shardings(_dedup_logical_names(boxed), mesh, rules)
+    full_sh = P_.override_shardings(full_sh, cfg.sharding_overrides, mesh)
+    train_sh, frozen_sh = P_.split(full_sh, labels)
+    train_abs, frozen_abs = P_.split(full_abstract, labels)
+    train_abs = state_lib.cast_floating_abstract(train_abs, jnp.float32)
+    frozen_abs = state_lib.cast_floating_abstract(frozen_abs, cfg.frozen_dtype)
+    opt_abs = jax.eval_shape(tx.init, train_abs)
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(step=replicated, params=train_sh,
+                          opt_state=opt_lib.opt_state_shardings(opt_abs, train_sh, train_abs,
+                                                                mesh),
+                          rng=replicated)
+    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=train_abs,
+                                opt_state=opt_abs,
+                                rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    b_axes = batch_axes(rules)
+    batch_sh = NamedSharding(mesh, P(b_axes))
+
+    # ---- init
+    def _init(rng):
+        p_rng, s_rng = jax.random.split(rng)
+        boxed_p = state_lib.init_boxed_params(model_config, p_rng)
+        trainable, frozen = state_lib.split_params(nn.meta.unbox(boxed_p), table,
+                                                   cfg.frozen_dtype)
+        return state_lib.create_state(trainable, tx, s_rng), frozen
+
+    # Initialisation runs without logical rules: its forward pass is dead code and the output
+    # shardings place every parameter (unboxing under rules would also constrain each one).
+    init_jit = _Sharded(jax.jit(_init, out_shardings=(state_sh, frozen_sh)), mesh, ())
+
+    def init(rng=None):
+        """Random parameters (seeded by `rng` or `TrainConfig.seed`), created sharded."""
+        if rng is None:
+            rng = jax.random.PRNGKey(cfg.seed)
+        return init_jit(rng)
+
+    def from_params(params, rng=None):
+        """(state, frozen) from loaded weights: an unboxed tree with some or all parameters.
+
+        Leaves absent from `params` are initialised randomly (only they are computed);
+        unexpected paths and mis-shaped leaves raise, naming them.
+        """
+        if rng is None:
+            rng = jax.random.PRNGKey(cfg.seed)
+        given = P_.flatten_with_paths(nn.meta.unbox(params))
+        want = P_.flatten_with_paths(full_abstract)
+        unexpected = sorted(set(given) - set(want))
+        if unexpected:
+            raise ValueError(f"from_params: unexpected parameters {unexpected[:10]}"
+                             f"{' ...' if len(unexpected) > 10 else ''}")
+        bad = [f"{p}: {tuple(np.shape(v))} vs {want[p].shape}" for p, v in given.items()
+               if tuple(np.shape(v)) != tuple(want[p].shape)]
+        if bad:
+            raise ValueError(f"from_params: mis-shaped parameters {bad[:10]}")
+        missing = [p for p in want if p not in given]
+        flat_labels = P_.flatten_with_paths(labels)
+        flat_sh = P_.flatten_with_paths(full_sh)
+        p_rng, s_rng = jax.random.split(rng)
+        if missing:
+            def _init_missing(r):
+                flat = P_.flatten_with_paths(nn.meta.unbox(
+                    state_lib.init_boxed_params(model_config, r)))
+                return {p: flat[p] for p in missing}
+            with jax.set_mesh(mesh):
+                fresh = jax.jit(_init_missing, out_shardings={p: flat_sh[p] for p in missing})(
+                    p_rng)
+        else:
+            fresh = {}
+        placed = {}
+        for p, v in given.items():
+            dtype = jnp.float32 if flat_labels[p] == P_.TRAINABLE else to_dtype(cfg.frozen_dtype)
+            if not jnp.issubdtype(jnp.result_type(v), jnp.floating):
+                dtype = jnp.result_type(v)
+            placed[p] = jax.device_put(np.asarray(v).astype(dtype)
+                                       if not isinstance(v, jax.Array) else v.astype(dtype),
+                                       flat_sh[p])
+        for p, v in fresh.items():
+            dtype = jnp.float32 if flat_labels[p] == P_.TRAINABLE else to_dtype(cfg.frozen_dtype)
+            placed[p] = v.astype(dtype)
+        trainable, frozen = P_.split(P_.unflatten({p: placed[p] for p in want}), labels)
+        make = jax.jit(lambda t, r: state_lib.create_state(t, tx, r), out_shardings=state_sh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = make(trainable, s_rng)
+        return state, frozen
+
+    # ---- step
+    loss_of = objective_fn(model, cfg)
+    n_micro = cfg.microbatches
+
+    def _loss(trainable, frozen, batch, norm):
+        return loss_of(P_.merge(trainable, frozen), batch, norm)
+
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+    def _step(state: TrainState, frozen, batch):
+        norm = losses.normalizers(batch, objective)
+        rng, _ = jax.random.split(state.rng)
+        if n_micro == 1:
+            (loss, sums), grads = grad_fn(state.params, frozen, batch, norm)
+        else:
+            micro = split_microbatches(batch, n_micro, b_axes)
+            first = jax.tree.map(lambda x: x[0], micro)
+            sums_abs = jax.eval_shape(lambda: _loss(state.params, frozen, first, norm)[1])
+            zeros = (jax.lax.with_sharding_constraint(
+                jax.tree.map(jnp.zeros_like, state.params), train_sh),
+                jnp.zeros((), jnp.float32),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_abs))
+
+            def body(carry, mb):
+                g_acc, l_acc, s_acc = carry
+                (l, s), g = grad_fn(state.params, frozen, mb, norm)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+                        jax.tree.map(jnp.add, s_acc, s)), None
+
+            (grads, loss, sums), _ = jax.lax.scan(body, zeros, micro)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                   **losses.finalize_metrics(sums)}
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                                  rng=rng)
+        return new_state, metrics
+
+    step_jit = _Sharded(jax.jit(_step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                out_shardings=(state_sh, replicated), donate_argnums=(0,)),
+                        mesh, rules)
+
+    def _eval(state: TrainState, frozen, batch):
+        norm = losses.normalizers(batch, objective)
+        loss, sums = _loss(state.params, frozen, batch, norm)
+        return {"loss": loss, **losses.finalize_metrics(sums)}
+
+    eval_jit = _Sharded(jax.jit(_eval, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                out_shardings=replicated), mesh, rules)
+
+    return TrainStep(model=model, model_config=model_config, train_config=cfg, mesh=mesh,
+                     rules=rules, table=table, tx=tx, schedule=schedule,
+                     state_shardings=state_sh, frozen_shardings=frozen_sh,
+                     batch_sharding=batch_sh, abstract_state=abstract_state,
+                     abstract_frozen=frozen_abs, init=init, from_params=from_params,
+                     step=step_jit, eval=eval_jit, param_shardings=full_sh)
+
+
+def make_eval_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
+                   rules=sharding.DEFAULT_RULES) -> Callable:
+    """The jitted `(state, frozen, batch) -> metrics` of `make_train_step` on its own."""
+    return make_train_step(model_config, train_config, mesh, rules).eval
