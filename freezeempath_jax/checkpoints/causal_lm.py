@@ -30,8 +30,8 @@ def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> LMConfig:
     problems = []
     mt = cfg.get("model_type")
     if mt not in HF_ARCHS:
-        problems.append(Problem("architecture", file=origin, expected=" or ".join(HF_ARCHS),
-                                actual=mt))
+        problems.append(Problem("architecture", key="model_type", file=origin,
+                                expected=" or ".join(HF_ARCHS), actual=mt))
         raise CheckpointError(origin, problems)
     h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     rp = dict(cfg.get("rope_parameters") or {})  # transformers 5 folds theta + scaling here

@@ -78,6 +78,8 @@ class CTranslate2Source(TensorSource):
         size = os.path.getsize(path)
         self._vars: Dict[str, Tuple[Tuple[int, ...], int, int]] = {}
         self.aliases: Dict[str, str] = {}
+        # what was being read, so that a file cut short says where (and which variable)
+        name, stage = None, "the header"
         with open(path, "rb") as f:
             try:
                 self.version = _read(f, "I")
@@ -87,7 +89,9 @@ class CTranslate2Source(TensorSource):
                         actual=self.version, detail="not a supported CTranslate2 model file")])
                 self.spec = _read_string(f)
                 self.revision = _read(f, "I")
-                for _ in range(_read(f, "I")):
+                n_vars = _read(f, "I")
+                for i in range(n_vars):
+                    name, stage = None, f"the entry of variable {i + 1} of {n_vars}"
                     name = _read_string(f)
                     rank = _read(f, "B")
                     shape = tuple(_read(f, "I") for _ in range(rank))
@@ -104,16 +108,21 @@ class CTranslate2Source(TensorSource):
                             actual=f"{nbytes} bytes of {np.dtype(_TYPES[type_id]).name}")])
                     offset = f.tell()
                     if offset + nbytes > size:
-                        raise _Truncated()
+                        raise CheckpointError(path, [Problem(
+                            "truncated", key=name, file=path,
+                            expected=f"{offset + nbytes} bytes", actual=f"{size} bytes",
+                            detail=f"{np.dtype(_TYPES[type_id]).name} variable of shape "
+                                   f"{tuple(shape)}")])
                     f.seek(nbytes, os.SEEK_CUR)
                     self._vars[name] = (shape, type_id, offset)
+                name, stage = None, "the alias table"
                 for _ in range(_read(f, "I")):
                     alias = _read_string(f)
                     self.aliases[alias] = _read_string(f)
             except _Truncated:
                 raise CheckpointError(path, [Problem(
-                    "truncated", file=path, actual=f"{size} bytes",
-                    detail=f"ended while reading variable {len(self._vars) + 1}")]) from None
+                    "truncated", key=name, file=path, actual=f"{size} bytes",
+                    detail=f"ended inside {stage}")]) from None
             except UnicodeDecodeError as e:
                 raise CheckpointError(path, [Problem("corrupt", file=path,
                                                      detail=str(e))]) from None

@@ -96,6 +96,8 @@ class GGUFSource(TensorSource):
             raise CheckpointError(path, [Problem(
                 "truncated", file=path, actual=f"{size} bytes",
                 detail="ended inside the GGUF header")]) from None
+        except CheckpointError:
+            raise  # already names the cut tensors (and is a ValueError: keep it unwrapped)
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(path, [Problem("corrupt", file=path, detail=str(e))]) from None
         finally:
@@ -133,7 +135,9 @@ class GGUFSource(TensorSource):
             if start + offset + nbytes > size:
                 problems.append(Problem("truncated", key=name, file=self.origin,
                                         expected=f"{start + offset + nbytes} bytes",
-                                        actual=f"{size} bytes"))
+                                        actual=f"{size} bytes",
+                                        detail=f"{qt.name} tensor of shape "
+                                               f"{tuple(int(d) for d in reversed(dims))}"))
             self._tensors[name] = (tuple(int(d) for d in reversed(dims)), qt, start + offset,
                                    nbytes)
         if problems:

@@ -52,14 +52,36 @@ def freezeempath_init(config):
     return lambda: FreezeEmpath(config).init(jax.random.key(0), mel, ids, method=touch_all)
 
 
+def mesh_shardings(init: Callable[[], Any], mesh, rules=None):
+    """NamedShardings of the module's parameters on `mesh`, from their logical axis names and
+    `rules` (default `sharding.DEFAULT_RULES`).
+
+    A name repeated within one parameter (Whisper's conv2 kernel is (conv_k, audio_embed,
+    audio_embed)) keeps only its first occurrence: a mesh axis can shard one dimension only,
+    and flax refuses the repeated name outright.
+    """
+    from freezeempath_jax import sharding as sh
+
+    def first_only(x):
+        if not isinstance(x, nn.LogicallyPartitioned):
+            return x
+        seen, names = set(), []
+        for n in x.names:
+            names.append(None if n in seen else n)
+            if n is not None:
+                seen.add(n)
+        return x.replace(names=tuple(names))
+
+    boxed = jax.tree.map(first_only, abstract_params(init),
+                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return sh.param_shardings(boxed, mesh, sh.DEFAULT_RULES if rules is None else rules)
+
+
 def make_placer(init: Callable[[], Any], shardings=None, mesh=None, rules=None) -> Placer:
     """Placer from explicit `shardings` (tree or callable), or from the model's logical axis
     names resolved on `mesh` with `rules` (defaults: `sharding.DEFAULT_RULES`)."""
     if shardings is None and mesh is not None:
-        from freezeempath_jax import sharding as sh
-
-        shardings = sh.param_shardings(abstract_params(init), mesh,
-                                       sh.DEFAULT_RULES if rules is None else rules)
+        shardings = mesh_shardings(init, mesh, rules)
     return Placer(shardings)
 
 

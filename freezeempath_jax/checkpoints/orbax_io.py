@@ -199,8 +199,16 @@ def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[
     if tokenizer is None and kind != "whisper":
         if tk.has_tokenizer(src):
             tokenizer = src
-        elif kind == "llm":
+        elif kind == "llm" and find_gguf(src) and _gguf_has_tokenizer(find_gguf(src)):
+            # weights-only GGUF exports exist; their weights still convert, without tokenizer
             tokenizer = find_gguf(src)
     if tokenizer is not None:
         tk.load_tokenizer(tokenizer).save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
     return out_dir
+
+
+def _gguf_has_tokenizer(path: str) -> bool:
+    """Whether a GGUF file carries llama.cpp tokenizer metadata (`tokenizer.ggml.model`)."""
+    from freezeempath_jax.checkpoints.gguf_io import GGUFSource
+
+    return GGUFSource(path).field("tokenizer.ggml.model") is not None

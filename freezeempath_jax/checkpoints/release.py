@@ -198,6 +198,12 @@ def load_freezeempath(path, whisper=None, dtype=jnp.float32, frozen_dtype=jnp.bf
     path = os.fspath(path)
     origin = os.path.join(path, "config.json")
     cfg_json = read_config(path)
+    if cfg_json.get("model_type") not in MODEL_TYPES:
+        # checked before anything else: a plain LLM directory passed here by mistake should
+        # be named as such, not reported as lacking a Whisper encoder
+        raise CheckpointError(path, [Problem(
+            "architecture", key="model_type", file=origin, expected=" or ".join(MODEL_TYPES),
+            actual=cfg_json.get("model_type"))])
     src = SafetensorsSource(path)
 
     outside = None

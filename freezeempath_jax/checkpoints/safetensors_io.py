@@ -51,10 +51,15 @@ def read_header(path: str) -> Tuple[Dict[str, dict], int, List[Problem]]:
             return {}, 0, [Problem("corrupt", file=path, detail=f"bad JSON header: {e}")]
     header.pop("__metadata__", None)
     problems = []
-    data_end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
-    if 8 + n + data_end > size:
-        problems.append(Problem("truncated", file=path, expected=f"{8 + n + data_end} bytes",
-                                actual=f"{size} bytes"))
+    # One problem per tensor whose data runs past the end of the file, so the message says
+    # which weights a partial download lost (the listing in CheckpointError is capped).
+    for key, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0])):
+        end = 8 + n + int(e["data_offsets"][1])
+        if end > size:
+            problems.append(Problem("truncated", key=key, file=path, expected=f"{end} bytes",
+                                    actual=f"{size} bytes",
+                                    detail=f"{e.get('dtype')} tensor of shape "
+                                           f"{tuple(int(d) for d in e.get('shape', ()))}"))
     for key, e in header.items():
         if e.get("dtype") not in _DTYPES:
             problems.append(Problem("dtype", key=key, file=path,
@@ -100,6 +105,8 @@ class SafetensorsSource(TensorSource):
         problems: List[Problem] = []
         for fpath in files:
             header, start, probs = read_header(fpath)
+            if weight_map is not None and not os.path.isfile(fpath):
+                probs = [self._missing_shard(fpath, weight_map)]
             problems += probs
             for key, e in header.items():
                 self._entries[key] = (fpath, e, start)
@@ -112,6 +119,15 @@ class SafetensorsSource(TensorSource):
                                                    "the shard"))
         if problems:
             raise CheckpointError(path, problems)
+
+    def _missing_shard(self, fpath: str, weight_map: Dict[str, str]) -> Problem:
+        """A missing shard, named with the keys the index promised in it."""
+        base = os.path.dirname(self._index_path)
+        listed = sorted(k for k, s in weight_map.items() if os.path.join(base, s) == fpath)
+        shown = ", ".join(listed[:8]) + (f" and {len(listed) - 8} more" if len(listed) > 8
+                                         else "")
+        return Problem("file", file=fpath, detail=f"file not found; {INDEX_NAME} lists "
+                                                  f"{len(listed)} tensor(s) in it: {shown}")
 
     def _from_index(self, index: str):
         self._index_path = index

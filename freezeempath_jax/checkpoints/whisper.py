@@ -253,8 +253,8 @@ def load_whisper_encoder(path, dtype=jnp.float32, *, shardings=None, mesh=None, 
         hf_cfg = read_config(path)
         if hf_cfg.get("model_type") not in (None, "whisper"):
             raise CheckpointError(path, [Problem(
-                "architecture", file=os.path.join(path, "config.json"), expected="whisper",
-                actual=hf_cfg.get("model_type"))])
+                "architecture", key="model_type", file=os.path.join(path, "config.json"),
+                expected="whisper", actual=hf_cfg.get("model_type"))])
         src = SafetensorsSource(path)
         cfg, key_rules, prefix = encoder_rules_for(src, path, dtype, hf_config=hf_cfg)
         scope = _encoder_scope(prefix)
