@@ -198,3 +198,17 @@ def test_microbatch_sums_are_exact(rng):
         mb = {k: v[rows] for k, v in batch.items()}
         parts += float(losses.emotion_ce(logits[rows], ser[rows], mb, norm=norm)[0])
     np.testing.assert_allclose(parts, float(full), rtol=RTOL)
+
+
+def test_out_of_vocab_ids_at_masked_positions_stay_finite():
+    """Prompt positions hold added placeholder ids >= vocab size; the loss ignores them and
+    must not turn NaN (regression: a NaN gather times a zero mask is NaN)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6, 10)).astype(np.float32)
+    targets = np.array([[10, 11, 3, 4, 0, 0], [12, 2, 5, 1, 0, 0]], np.int32)
+    mask = np.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]], np.float32)
+    s = _losses.token_ce_sums(logits, targets, mask)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -sum(logp[b, t, targets[b, t]] for b, t in zip(*np.nonzero(mask)))
+    np.testing.assert_allclose(float(s["ce_sum"]), want, rtol=1e-5)
+    assert float(s["tokens"]) == 5

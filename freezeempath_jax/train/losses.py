@@ -52,9 +52,14 @@ def token_ce_sums(logits, targets, mask) -> Sums:
     logits = logits.astype(jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # Masked positions may hold ids outside the vocabulary (the <speech>/<emotion> placeholders
+    # are added tokens): an out-of-range gather yields NaN, and NaN * 0 is NaN, so such
+    # positions are both clipped into range and selected away with `where`.
+    safe = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"ce_sum": jnp.sum((logz - gold) * mask), "token_correct": jnp.sum(correct * mask),
+    ce = jnp.where(mask > 0, logz - gold, 0.0)
+    return {"ce_sum": jnp.sum(ce * mask), "token_correct": jnp.sum(correct * mask),
             "tokens": jnp.sum(mask)}
 
 
