@@ -138,6 +138,9 @@ def data_section() -> ml_collections.ConfigDict:
     d.split_fractions = (0.8, 0.1, 0.1)  # synthetic corpus: train / validation / test
     d.audio_seconds = 30.0  # clips are padded / trimmed to this (30 s for real Whisper)
     d.cache_encoder = False  # run the frozen encoder once per clip and train on its outputs
+    # Folder for work that depends only on frozen parts (encoder outputs, self-distilled
+    # replies), reused by later stages and later runs ("" -> kept in memory for this run only).
+    d.cache_dir = ""
     d.prompt_len = 0  # 0: computed from the template and the number of speech tokens
     d.target_len = 16  # reply tokens (+ EOS), right-padded / cut
     d.teacher_len = 96  # stage 1 KL: teacher prompt tokens (transcript in the chat frame)

@@ -21,6 +21,7 @@ JAX_COMPILATION_CACHE_DIR (a jax setting) keeps compiled steps between runs and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -162,6 +163,23 @@ class RecordPreparer:
         self.cfg, self.ts, self.frozen, self.tok = cfg, ts, frozen, tokenizer
         self.model_cfg: FreezeEmpathConfig = ts.model_config
         self._encode = None
+        self.cache_dir = str(cfg.data.get("cache_dir", "") or "")
+
+    def _cache_tag(self, *parts) -> str:
+        """Short hash naming a cache entry by everything its content depends on."""
+        blob = json.dumps([str(p) for p in parts], sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:16]
+
+    def _encoder_cache_file(self, rec: Mapping) -> Optional[str]:
+        """Where the frozen encoder's outputs for `rec` live on disk (None: no disk cache,
+        or a record without a stable identity)."""
+        if not self.cache_dir or not isinstance(rec.get("audio"), (str, os.PathLike)):
+            return None
+        source = self.cfg.init.whisper or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
+        folder = "encoder-" + self._cache_tag(source, to_dict(self.model_cfg.whisper),
+                                              self.cfg.data.audio_seconds)
+        return os.path.join(self.cache_dir, folder,
+                            self._cache_tag(os.path.abspath(rec["audio"]), rec.get("id")) + ".npz")
 
     def mel(self, rec: Mapping) -> np.ndarray:
         from freezeempath_jax.audio import load_audio, log_mel_spectrogram
@@ -176,6 +194,11 @@ class RecordPreparer:
         out = []
         for rec in records:
             r = dict(rec)
+            cached = (self._encoder_cache_file(r) if self.cfg.data.cache_encoder and
+                      "encoder_last" not in r else None)
+            if cached and os.path.exists(cached):
+                with np.load(cached) as z:
+                    r["encoder_last"], r["encoder_layers"] = z["last"], z["layers"]
             if "mel" not in r and "encoder_last" not in r:
                 if "audio" not in r:
                     raise ValueError(f"record {r.get('id', '?')} has no audio, mel or "
@@ -216,6 +239,12 @@ class RecordPreparer:
             for j, r in enumerate(part):
                 r["encoder_last"], r["encoder_layers"] = last[j], layers[j]
                 del r["mel"]
+                path = self._encoder_cache_file(r)
+                if path and jax.process_index() == 0:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    tmp = path + ".tmp.npz"  # atomic: a killed run never leaves half a file
+                    np.savez(tmp, last=last[j], layers=layers[j])
+                    os.replace(tmp, path)
 
     def replies(self, records: List[dict], with_emotion: bool, batch: int = 32):
         """Self-distillation: the frozen LLM's own greedy reply to the transcript (plus the
@@ -223,6 +252,45 @@ class RecordPreparer:
         todo = [r for r in records if r.get("reply_ids") is None and not r.get("reply")]
         if not todo:
             return
+        store = self._reply_store()
+        keys = [json.dumps([r.get("transcript"), r.get("emotion") if with_emotion else None])
+                for r in todo]
+        first: Dict[str, dict] = {}  # one generation per distinct (transcript, emotion)
+        for r, k in zip(todo, keys):
+            if k not in store:
+                first.setdefault(k, r)
+        if first:
+            self._generate_replies(list(first.values()), with_emotion, batch)
+            store.update({k: r["reply_ids"] for k, r in first.items()})
+            self._save_reply_store(store)
+        for r, k in zip(todo, keys):
+            r["reply_ids"] = list(store[k])
+
+    def _reply_file(self) -> Optional[str]:
+        if not self.cache_dir:
+            return None
+        d = self.cfg.data
+        source = self.cfg.init.llm or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
+        tag = self._cache_tag(source, d.chat_template, self.model_cfg.system_prompt,
+                              d.target_len, d.teacher_len, d.tokenizer)
+        return os.path.join(self.cache_dir, f"replies-{tag}.json")
+
+    def _reply_store(self) -> Dict[str, list]:
+        path = self._reply_file()
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def _save_reply_store(self, store: Mapping[str, list]):
+        path = self._reply_file()
+        if path and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(store, f)
+            os.replace(path + ".tmp", path)
+
+    def _generate_replies(self, todo: List[dict], with_emotion: bool, batch: int):
         from freezeempath_jax import sampling
         d = self.cfg.data
         prompts = B_.PromptBuilder(self.tok, B_.ChatFormat.named(d.chat_template,
@@ -384,9 +452,13 @@ def _flops_per_step(cfg, ts: TrainStep, builder: B_.BatchBuilder) -> Optional[fl
     except ImportError:
         return None
     try:
-        return float(flops.train_step_flops(ts.model_config, ts.train_config,
-                                            seq_len=builder.seq_len,
-                                            encoder_frames=builder.encoder_frames))
+        # tokens_per_row() - seq_len: the distill_kl teacher rows' width (0 otherwise).
+        return float(flops.train_step_flops(
+            ts.model_config, ts.train_config, seq_len=builder.seq_len,
+            encoder_frames=builder.encoder_frames,
+            teacher_seq_len=builder.tokens_per_row() - builder.seq_len or None,
+            reply_len=builder.target_len, units_len=builder.units_len,
+            encoder_cached=bool(cfg.data.cache_encoder)))
     except (AttributeError, TypeError, ValueError) as e:  # signature drift: no MFU, no crash
         log.warning("MFU disabled: %s", e)
         return None

