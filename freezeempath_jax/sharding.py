@@ -43,6 +43,9 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("adapter_hidden", "tensor"),
+    # the projector's first kernel [k * d, 2048] (6400 rows for large-v3): without this its
+    # fp32 master copy and both Adam moments would be replicated on every device
+    ("adapter_in", "fsdp"),
 )
 
 

@@ -347,3 +347,38 @@ def test_convert_reports_broken_input(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         cli_convert("llm", tmp_path / "missing", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ------------------------------------------------- converted directories through the loaders
+
+
+def test_loaders_read_converted_directories(tmp_path, tiny_tree):
+    """`load_whisper_encoder`, `load_causal_lm` and `load_freezeempath` (and so the trainer's
+    `config.init.*` and `chat`) take our own format too: the same values, cast to the dtype
+    asked for, and a converted directory of the wrong kind is refused by name."""
+    import dataclasses
+
+    from freezeempath_jax.checkpoints import (CheckpointError, load_causal_lm,
+                                              load_freezeempath, load_whisper_encoder,
+                                              save_params)
+
+    config, params = tiny_tree
+    save_params(str(tmp_path / "whisper"), params["whisper"], config=config.whisper)
+    save_params(str(tmp_path / "llm"), params["llm"], config=config.llm)
+    save_params(str(tmp_path / "full"), params, config=config)
+
+    wcfg, wp = load_whisper_encoder(str(tmp_path / "whisper"), dtype=jnp.float32)
+    assert wcfg == dataclasses.replace(config.whisper, param_dtype="float32")
+    assert_bit_identical(wp, jax.tree.map(lambda x: x.astype(jnp.float32), params["whisper"]))
+
+    lcfg, lp = load_causal_lm(str(tmp_path / "llm"), dtype=jnp.bfloat16)
+    assert lcfg.param_dtype == "bfloat16"
+    assert_bit_identical(lp, params["llm"])
+
+    fcfg, fp = load_freezeempath(str(tmp_path / "full"), dtype=jnp.float32,
+                                 frozen_dtype=jnp.bfloat16)
+    assert fcfg.llm.param_dtype == fcfg.whisper.param_dtype == "bfloat16"
+    assert_bit_identical(fp, params)
+
+    with pytest.raises(CheckpointError, match="kind"):
+        load_causal_lm(str(tmp_path / "whisper"))

@@ -14,6 +14,7 @@ from freezeempath_jax.checkpoints.gguf_io import (SUPPORTED_ARCHS, GGUFSource, l
                                                   unpermute_qk)
 from freezeempath_jax.checkpoints.model_tree import (causal_lm_init, dtype_name, make_placer,
                                                      verify)
+from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.models.configs import LMConfig
 
@@ -203,12 +204,16 @@ def load_causal_lm(path, dtype=jnp.float32, *, shardings=None, mesh=None, rules=
     """Causal LM `(LMConfig, params)` from a local checkpoint.
 
     path: a Hugging Face Qwen2 / Llama directory (config.json + safetensors, sharded with
-    `model.safetensors.index.json` or single), or a `.gguf` file (any quantization the `gguf`
-    package dequantizes; llama-arch Q/K permutation undone).
+    `model.safetensors.index.json` or single), a `.gguf` file (any quantization the `gguf`
+    package dequantizes; llama-arch Q/K permutation undone), or a directory converted to our
+    format (`convert --kind llm`).
     dtype: dtype of the returned parameters.
     shardings / mesh / rules: placement of each finished leaf (see `whisper.load_whisper_encoder`).
     """
     path = os.fspath(path)
+    if converted_kind(path) is not None:  # our own format (`convert --kind llm`)
+        return load_converted_part(path, "llm", lambda _: dtype, shardings=shardings,
+                                   mesh=mesh, rules=rules)
     gguf_path = find_gguf(path)
     if gguf_path:
         src = GGUFSource(gguf_path)

@@ -35,8 +35,11 @@ def _is_leaf(x):
 
 
 def select(params, subset_regex: Optional[str]):
-    """The leaves whose `/`-joined path fully matches `subset_regex` (all when None)."""
-    flat = flatten(params, is_leaf=_is_leaf)
+    """The leaves whose `/`-joined path fully matches `subset_regex` (all when None).
+    Boxed (logically partitioned) trees from `Module.init` are unboxed first."""
+    from flax import linen as nn
+
+    flat = flatten(nn.meta.unbox(params), is_leaf=_is_leaf)
     if subset_regex is None:
         return unflatten(flat)
     pattern = re.compile(subset_regex)
@@ -163,6 +166,65 @@ def load_converted(directory: str, target=None):
     """(kind, config, params) of a directory written by `convert` or `save_params`."""
     kind, config = load_config(directory)
     return kind, config, restore_params(directory, target)
+
+
+def converted_kind(path) -> Optional[str]:
+    """The kind ("whisper", "llm", "freezeempath") of a directory in our format, else None."""
+    cfg_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        return None
+    try:
+        with open(cfg_path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc.get("kind") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
+def load_converted_part(path, kind: str, dtype_of, *, shardings=None, mesh=None, rules=None):
+    """`(config, params)` of a converted `kind` directory, as the format loaders return them.
+
+    Lets every loader (`load_whisper_encoder`, `load_causal_lm`, `load_freezeempath`) and so
+    `config.init.*` of the trainer take our own format too. Each leaf is read straight into
+    its place (the shardings of `shardings`, or of the model's logical axes on `mesh`) and
+    cast to `dtype_of(path)`; missing, unexpected and mis-shaped leaves are reported together.
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from freezeempath_jax.checkpoints.model_tree import (abstract_params, causal_lm_init,
+                                                         dtype_name, freezeempath_init,
+                                                         make_placer, verify, whisper_init)
+
+    got, config = load_config(path)
+    if got != kind:
+        raise CheckpointError(path, [Problem("architecture", key="kind",
+                                             file=os.path.join(path, CONFIG_FILE),
+                                             expected=kind, actual=got)])
+    if kind in ("whisper", "llm"):
+        config = dataclasses.replace(config, param_dtype=dtype_name(dtype_of("")))
+    else:  # the sub-configs state the dtypes their parts are returned in
+        sub = {name: dataclasses.replace(getattr(config, name),
+                                         param_dtype=dtype_name(dtype_of(name + "/")))
+               for name in ("whisper", "llm")}
+        config = dataclasses.replace(config, **sub)
+    init = {"whisper": whisper_init, "llm": causal_lm_init,
+            "freezeempath": freezeempath_init}[kind](config)
+    placer = make_placer(init, shardings, mesh, rules)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = flatten(nn.meta.unbox(abstract_params(init)),
+                       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    target = {k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype_of(k)),
+                                      sharding=placer.sharding_for(k, v.shape) or default)
+              for k, v in abstract.items()}
+    flat = flatten(restore_params(path, unflatten(target)), is_leaf=_is_leaf)
+    verify(flat, init, os.fspath(path))
+    # orbax keeps the saved dtype where the target's differs only in precision: cast here
+    flat = {k: v if v.dtype == target[k].dtype else v.astype(target[k].dtype)
+            for k, v in flat.items()}
+    return config, unflatten(flat)
 
 
 def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[str] = None,

@@ -15,6 +15,7 @@ by key with expected and actual shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import List, Optional, Tuple
@@ -23,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from freezeempath_jax.checkpoints import causal_lm as lm_keys
-from freezeempath_jax.checkpoints.assemble import (Rule, assemble, check, flatten, linear,
+from freezeempath_jax.checkpoints.assemble import (Placer, Rule, assemble, check, flatten, linear,
                                                    prefixed, unflatten)
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
 from freezeempath_jax.checkpoints.model_tree import freezeempath_init, make_placer, verify
+from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.checkpoints.whisper import encoder_rules_for, load_whisper_encoder
 from freezeempath_jax.models.configs import (EmotionConfig, FreezeEmpathConfig,
@@ -184,7 +186,8 @@ def load_freezeempath(path, whisper=None, dtype=jnp.float32, frozen_dtype=jnp.bf
                       ) -> Tuple[FreezeEmpathConfig, dict]:
     """The released FreezeEmpath model as `(FreezeEmpathConfig, params)`.
 
-    path: the release directory (config.json + safetensors shards with an index).
+    path: the release directory (config.json + safetensors shards with an index), or a
+    directory converted to our format (`convert --kind freezeempath`).
     whisper: where the Whisper encoder comes from when the release does not hold it under
     `model.speech_encoder.*` (any format `load_whisper_encoder` reads, or an already loaded
     `(WhisperConfig, params)` pair); when given it wins over the copy inside.
@@ -196,6 +199,19 @@ def load_freezeempath(path, whisper=None, dtype=jnp.float32, frozen_dtype=jnp.bf
     two ids past the LLM vocabulary.
     """
     path = os.fspath(path)
+    if converted_kind(path) is not None:  # our own format (`convert --kind freezeempath`)
+        config, params = load_converted_part(
+            path, "freezeempath",
+            lambda k: frozen_dtype if k.startswith(("whisper/", "llm/")) else dtype,
+            shardings=shardings, mesh=mesh, rules=rules)
+        if whisper is not None:
+            wcfg, wparams = (whisper if isinstance(whisper, tuple) else
+                             load_whisper_encoder(whisper, frozen_dtype, shardings=(
+                                 Placer(shardings).sub("whisper/") if shardings is not None
+                                 else None), mesh=mesh, rules=rules))
+            config = dataclasses.replace(config, whisper=wcfg)
+            params = dict(params, whisper=wparams)
+        return config, params
     origin = os.path.join(path, "config.json")
     cfg_json = read_config(path)
     if cfg_json.get("model_type") not in MODEL_TYPES:

@@ -21,6 +21,7 @@ from freezeempath_jax.checkpoints.ctranslate2_io import (MODEL_FILE, CTranslate2
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
 from freezeempath_jax.checkpoints.model_tree import (dtype_name, make_placer, verify,
                                                      whisper_init)
+from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.checkpoints.sources import DictSource, TensorSource, torch_to_numpy
 from freezeempath_jax.models.configs import WhisperConfig
@@ -241,13 +242,17 @@ def load_whisper_encoder(path, dtype=jnp.float32, *, shardings=None, mesh=None, 
 
     path: a Hugging Face Whisper directory (config.json + safetensors, single or sharded;
     full seq2seq or encoder only), an OpenAI-whisper `.pt` file, or a CTranslate2 directory
-    (`model.bin` + `config.json`; float32/float16/bfloat16 weights, not int8/int16).
+    (`model.bin` + `config.json`; float32/float16/bfloat16 weights, not int8/int16), or a
+    directory converted to our format (`convert --kind whisper`).
     dtype: dtype of the returned parameters.
     shardings / mesh / rules: where each leaf is placed as it is finished (see `Placer`);
     with only `mesh`, the model's logical axis names and `rules` decide.
     Raises CheckpointError listing every missing, unexpected or mis-shaped key.
     """
     path = os.fspath(path)
+    if converted_kind(path) is not None:  # our own format (`convert --kind whisper`)
+        return load_converted_part(path, "whisper", lambda _: dtype, shardings=shardings,
+                                   mesh=mesh, rules=rules)
     fmt = detect_format(path)
     if fmt == "hf":
         hf_cfg = read_config(path)

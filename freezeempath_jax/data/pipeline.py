@@ -400,7 +400,7 @@ def make_dataset(
         )
     )
     if config.num_workers > 0:
-        _mark_absl_flags_parsed()
+        mark_absl_flags_parsed()
         iter_ds = iter_ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
@@ -409,8 +409,9 @@ def make_dataset(
     return iter_ds
 
 
-def _mark_absl_flags_parsed() -> None:
-    # grain's workers read absl flags; outside an absl app (tests, notebooks) they are unparsed.
+def mark_absl_flags_parsed() -> None:
+    """Marks absl flags parsed: grain's worker processes read them, and outside an absl app
+    (tests, notebooks) they are unparsed."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

@@ -221,6 +221,9 @@ class BatchBuilder:
         template = stage1_template if stage == "1" else model.user_template
         self.prompt = np.asarray(self.prompts.speech_prompt(template), np.int32)
         self.seq_len = _round_up(len(self.prompt) + target_len, 8)
+        # {feature: shape} of one row, for batches in which no record is usable (streamed
+        # batches whose clips all failed to decode); None: taken from the first record.
+        self.audio_shapes: Optional[Dict[str, tuple]] = None
         if objective == "unit_ce" and model.speech_decoder is None:
             raise ValueError(f"stage {stage} trains the speech decoder but the model config "
                              "has none")
@@ -295,7 +298,10 @@ class BatchBuilder:
     def _audio(self, records) -> Dict[str, np.ndarray]:
         first = next((r for r in records if r is not None), None)
         if first is None:
-            raise ValueError("a batch needs at least one real record")
+            if self.audio_shapes is None:
+                raise ValueError("a batch needs at least one real record")
+            return {k: np.zeros((len(records),) + tuple(shape), np.float32)
+                    for k, shape in self.audio_shapes.items()}
         keys = (("encoder_last", "encoder_layers") if "encoder_last" in first else ("mel",))
         out = {}
         for k in keys:

@@ -87,6 +87,7 @@ def train_section() -> ml_collections.ConfigDict:
     t.remat_policy = config_dict.placeholder(str)  # none | full | dots | dots_no_batch
     t.log_every = 10
     t.eval_batches = 4  # held-out batches per evaluation (0: all of the held-out set)
+    t.eval_at_start = False  # also evaluate the untrained adapters (logged as step 0)
     t.ckpt_every = 100
     t.keep = 3  # checkpoints kept (keep-N)
     t.async_ckpt = True
@@ -138,6 +139,12 @@ def data_section() -> ml_collections.ConfigDict:
     d.split_fractions = (0.8, 0.1, 0.1)  # synthetic corpus: train / validation / test
     d.audio_seconds = 30.0  # clips are padded / trimmed to this (30 s for real Whisper)
     d.cache_encoder = False  # run the frozen encoder once per clip and train on its outputs
+    # Streaming input (train/stream.py): records stay light and grain makes each batch's
+    # log-mels when it is needed, in `num_threads` threads or `num_workers` processes. None:
+    # on for manifests (too large to hold as features), off for the in-memory corpora.
+    d.stream = config_dict.placeholder(bool)
+    d.num_threads = 2
+    d.num_workers = 0
     # Folder for work that depends only on frozen parts (encoder outputs, self-distilled
     # replies), reused by later stages and later runs ("" -> kept in memory for this run only).
     d.cache_dir = ""

@@ -99,7 +99,8 @@ def read_jsonl(path: str):
 
 
 class Throughput:
-    """Rates between log points: samples/s, tokens/s, and MFU when FLOPs are known.
+    """Rates between log points: samples/s, tokens/s, model TFLOP/s when FLOPs are known,
+    and MFU when the device's peak is known too.
 
     flops_per_step: model FLOPs of one optimizer step (train.flops; frozen LLM counted
     with its forward and input-gradient backward). peak_flops: per-device peak FLOP/s.
@@ -130,9 +131,11 @@ class Throughput:
         out = {"steps_per_sec": steps / dt,
                "samples_per_sec": steps * self.batch_size / dt,
                "tokens_per_sec": steps * self.tokens_per_step / dt}
-        if self.flops_per_step and self.peak_flops:
-            out["mfu"] = (steps * self.flops_per_step / dt) / (self.peak_flops
-                                                              * self.num_devices)
+        if self.flops_per_step:
+            achieved = steps * self.flops_per_step / dt  # model FLOP/s over all devices
+            out["model_tflops_per_sec"] = achieved / 1e12
+            if self.peak_flops:
+                out["mfu"] = achieved / (self.peak_flops * self.num_devices)
         self._t, self._steps = now, 0
         return out
 

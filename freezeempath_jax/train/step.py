@@ -165,7 +165,11 @@ def layout_from_batch(batch) -> streaming.StreamLayout:
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when the environment describes a multi-process job
     (JAX_COORDINATOR_ADDRESS, a SLURM allocation of several tasks, a multi-host TPU slice,
-    Open MPI); a no-op on a single machine. Returns whether it initialised."""
+    Open MPI); a no-op on a single machine. Returns whether it initialised.
+
+    Under SLURM jax gives each process the GPU numbered SLURM_LOCALID unless
+    JAX_LOCAL_DEVICE_IDS lists the node's GPUs (jax reads it): with one process per node, as
+    launch/gpu_slurm.sh runs it, that variable must name all of them."""
     env = os.environ
     if env.get("FREEZEEMPATH_NO_DISTRIBUTED"):
         return False

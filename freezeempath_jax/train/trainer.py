@@ -128,6 +128,27 @@ def _sync_hosts(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def _read_manifest_lenient(path: str, unit_vocab: Optional[int], workdir: str,
+                           split: str) -> List[dict]:
+    """Manifest records; bad lines (malformed, missing audio, duplicate ids, units out of
+    range) are skipped, counted in the log and in `<workdir>/skip_report_<split>.json`."""
+    from freezeempath_jax.data.manifests import SkipReport, read_manifest
+    report = SkipReport(os.path.basename(path))
+    records = read_manifest(path, unit_vocab_size=unit_vocab, strict=False, report=report,
+                            split=split)
+    summary = report.as_dict()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"skip_report_{split}.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    skipped = sum(summary["skipped"].values())
+    if skipped:
+        log.warning("%s: %d bad manifest lines skipped %s (see skip_report_%s.json)", path,
+                    skipped, summary["skipped"], split)
+    if not records:
+        raise ValueError(f"manifest {path} holds no usable record (skip report: {summary})")
+    return records
+
+
 def load_records(cfg, workdir, train_records=None, eval_records=None):
     """(train, eval) record lists for `cfg.data.kind` (records given by the caller win)."""
     d = cfg.data
@@ -142,12 +163,11 @@ def load_records(cfg, workdir, train_records=None, eval_records=None):
         n_eval = max(len(recs) // 5, 1)
         return recs[n_eval:], recs[:n_eval]
     if d.kind == "manifest":
-        from freezeempath_jax.data.manifests import read_manifest
         if not d.train:
             raise ValueError("config.data.kind='manifest' needs config.data.train (a JSONL path)")
         unit_vocab = model.speech_decoder.unit_vocab_size if model.speech_decoder else None
-        train = read_manifest(d.train, unit_vocab_size=unit_vocab)
-        evals = read_manifest(d.eval, unit_vocab_size=unit_vocab) if d.eval else []
+        train = _read_manifest_lenient(d.train, unit_vocab, workdir, "train")
+        evals = _read_manifest_lenient(d.eval, unit_vocab, workdir, "eval") if d.eval else []
         return train, evals
     if d.kind == "memory":
         raise ValueError("config.data.kind='memory' needs records passed to train()")
@@ -394,6 +414,27 @@ def num_speech_tokens(model: FreezeEmpathConfig, encoder_frames: int) -> int:
     return dataclasses.replace(model, whisper=w).num_speech_tokens
 
 
+def use_stream(cfg) -> bool:
+    """Whether the run streams its training batches through grain (`data.stream`; None:
+    for manifests only). Streaming makes features per batch, so it excludes the in-memory
+    cache of frozen-encoder outputs."""
+    d = cfg.data
+    stream = d.kind == "manifest" if d.stream is None else bool(d.stream)
+    if stream and d.kind not in ("manifest", "synthetic"):
+        raise ValueError(f"data.stream needs records with audio files (data.kind manifest or "
+                         f"synthetic), not data.kind={d.kind!r}")
+    if stream and d.cache_encoder:
+        raise ValueError("data.stream and data.cache_encoder exclude each other: the cache "
+                         "holds every clip's encoder outputs in memory; set one of them False")
+    return stream
+
+
+def _mel_frames(seconds: float) -> int:
+    """Log-mel frames of a clip padded or trimmed to `seconds` (hop 160 at 16 kHz)."""
+    from freezeempath_jax import audio as audio_lib
+    return int(round(float(seconds) * audio_lib.SAMPLING_RATE)) // audio_lib.HOP_LENGTH
+
+
 def _encoder_frames(rec: Mapping) -> int:
     if "encoder_last" in rec:
         return int(np.shape(rec["encoder_last"])[0])
@@ -405,39 +446,66 @@ def _encoder_frames(rec: Mapping) -> int:
 
 
 class _Data:
-    """Training stream + fixed eval batches, already placed on the devices."""
+    """Training stream + fixed eval batches, already placed on the devices.
 
-    def __init__(self, cfg, ts: TrainStep, builder: B_.BatchBuilder, train_recs, eval_recs):
-        self.ts, self.builder = ts, builder
+    In memory (`batches.MemorySource`: records with their features, every host builds the
+    global batch and keeps its rows) or streamed (`train.stream`: grain builds this host's
+    rows from light records when they are needed). Either way `source` has `get_state()` /
+    `set_state()`, which the checkpoints store.
+    """
+
+    def __init__(self, cfg, ts: TrainStep, builder: B_.BatchBuilder, train_recs, eval_recs,
+                 stream: bool = False):
+        self.ts, self.builder, self.stream = ts, builder, stream
+        self.skipped = 0
         bs = int(cfg.train.batch_size)
         seed = int(cfg.data.shuffle_seed)
-        if cfg.stage == "2b":
+        mix = float(cfg.loss.mix_2a) if cfg.stage == "2b" else 0.0
+        if stream:
+            from freezeempath_jax.train import stream as stream_lib
+            self.source = stream_lib.make_stream(
+                train_recs, builder, batch_size=bs, n_mels=ts.model_config.whisper.n_mels,
+                seconds=float(cfg.data.audio_seconds), seed=seed, mix_2a=mix,
+                num_threads=int(cfg.data.num_threads), num_workers=int(cfg.data.num_workers),
+                process_index=jax.process_index(), process_count=jax.process_count())
+        elif cfg.stage == "2b":
             a = [dict(r, task="2a") for r in train_recs]
             b = [dict(r, task="2b") for r in train_recs]
-            k = int(round(float(cfg.loss.mix_2a) * bs))
-            k = min(max(k, 0), bs - 1)
+            k = min(max(int(round(mix * bs)), 0), bs - 1)
             self.source = (B_.MixedSource(B_.MemorySource(a, k, seed),
                                           B_.MemorySource(b, bs - k, seed + 1))
                            if k else B_.MemorySource(b, bs, seed))
-            eval_recs = [dict(r, task="2b") for r in eval_recs]
         else:
             self.source = B_.MemorySource(train_recs, bs, seed)
-        max_batches = int(cfg.train.eval_batches) or None  # 0: the whole held-out set
-        self.eval = [self.put(builder(rows)) for rows in
-                     B_.eval_batches(eval_recs, bs, max_batches)]
+        if cfg.stage == "2b":
+            eval_recs = [dict(r, task="2b") for r in eval_recs]
+        self.eval = [self.put(builder(rows)) for rows in B_.eval_batches(eval_recs, bs)]
 
-    def put(self, host_batch: Mapping[str, np.ndarray]):
-        """This host's rows -> global arrays sharded over the batch axes."""
+    def put(self, batch: Mapping[str, np.ndarray], local: bool = False):
+        """A batch -> global arrays sharded over the batch axes. `batch` holds the global
+        batch (each host keeps its rows), or with `local` only this host's rows."""
         pc, pi = jax.process_count(), jax.process_index()
         out = {}
-        for k, v in host_batch.items():
-            local = v if pc == 1 else np.asarray(B_.host_slice(v, pi, pc))
-            out[k] = jax.make_array_from_process_local_data(self.ts.batch_sharding, local,
+        for k, v in batch.items():
+            if k.startswith("_"):  # host-side bookkeeping
+                continue
+            if local:
+                global_shape = (v.shape[0] * pc,) + v.shape[1:]
+                out[k] = jax.make_array_from_process_local_data(self.ts.batch_sharding, v,
+                                                                global_shape)
+                continue
+            rows = v if pc == 1 else np.asarray(B_.host_slice(v, pi, pc))
+            out[k] = jax.make_array_from_process_local_data(self.ts.batch_sharding, rows,
                                                             v.shape)
         return out
 
     def next(self):
-        return self.put(self.builder(next(self.source)))
+        if not self.stream:
+            return self.put(self.builder(next(self.source)))
+        from freezeempath_jax.train.stream import SKIPPED
+        batch = next(self.source)
+        self.skipped += int(batch[SKIPPED])
+        return self.put(batch, local=True)
 
 
 def _abstract_with_shardings(ts: TrainStep):
@@ -445,23 +513,16 @@ def _abstract_with_shardings(ts: TrainStep):
                         ts.abstract_state, ts.state_shardings)
 
 
-def _flops_per_step(cfg, ts: TrainStep, builder: B_.BatchBuilder) -> Optional[float]:
-    """Model FLOPs of one step from `train.flops` (None while that module is absent)."""
-    try:
-        from freezeempath_jax.train import flops
-    except ImportError:
-        return None
-    try:
-        # tokens_per_row() - seq_len: the distill_kl teacher rows' width (0 otherwise).
-        return float(flops.train_step_flops(
-            ts.model_config, ts.train_config, seq_len=builder.seq_len,
-            encoder_frames=builder.encoder_frames,
-            teacher_seq_len=builder.tokens_per_row() - builder.seq_len or None,
-            reply_len=builder.target_len, units_len=builder.units_len,
-            encoder_cached=bool(cfg.data.cache_encoder)))
-    except (AttributeError, TypeError, ValueError) as e:  # signature drift: no MFU, no crash
-        log.warning("MFU disabled: %s", e)
-        return None
+def _flops_per_step(cfg, ts: TrainStep, builder: B_.BatchBuilder) -> float:
+    """Model FLOPs of one optimizer step over the global batch (`train.flops`)."""
+    from freezeempath_jax.train import flops
+    # tokens_per_row() - seq_len: the distill_kl teacher rows' width (0 otherwise).
+    return float(flops.train_step_flops(
+        ts.model_config, ts.train_config, seq_len=builder.seq_len,
+        encoder_frames=builder.encoder_frames,
+        teacher_seq_len=builder.tokens_per_row() - builder.seq_len or None,
+        reply_len=builder.target_len, units_len=builder.units_len,
+        encoder_cached=bool(cfg.data.cache_encoder)))
 
 
 def _evaluate(ts: TrainStep, state, frozen, data: _Data) -> Dict[str, float]:
@@ -491,6 +552,9 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
     defaults.canonical_stage(config.stage)  # fail fast on a bad stage name
     raw_train, raw_eval = load_records(config, workdir, train_records, eval_records)
     cfg = defaults.resolve(config, num_train_examples=len(raw_train))
+    stream = use_stream(cfg)
+    if cfg.train.eval_batches:  # only the held-out records that are evaluated get features
+        raw_eval = raw_eval[:int(cfg.train.eval_batches) * int(cfg.train.batch_size)]
     t = cfg.train
     model_cfg = from_dict(FreezeEmpathConfig, cfg.model)
 
@@ -505,7 +569,8 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
     # Records -> features -> batches.
     tok = B_.make_tokenizer(model_cfg, tokenizer_spec(cfg))
     prep = RecordPreparer(cfg, ts, frozen, tok)
-    train_recs, eval_recs = prep.features(raw_train), prep.features(raw_eval)
+    train_recs = [dict(r) for r in raw_train] if stream else prep.features(raw_train)
+    eval_recs = prep.features(raw_eval)
     if cfg.stage in ("1", "3a", "3b"):
         prep.replies(train_recs + eval_recs, with_emotion=False)
     elif cfg.stage == "2b":
@@ -515,16 +580,21 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
         prep.toy_units(train_recs + eval_recs)
     if model_cfg.emotion.num_attributes and synthetic:
         prep.toy_attributes(train_recs + eval_recs)
-    frames = _encoder_frames(train_recs[0])
+    frames = (_encoder_frames({"mel": np.zeros((1, _mel_frames(cfg.data.audio_seconds)))})
+              if stream else _encoder_frames(train_recs[0]))
     builder = B_.BatchBuilder(
         model_cfg, cfg.stage, ts.train_config.resolved_objective, tok,
         num_speech_tokens(model_cfg, frames), chat_template=cfg.data.chat_template,
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
         units_len=int(cfg.data.units_len), stage1_template=cfg.data.stage1_template)
     builder.encoder_frames = frames
-    data = _Data(cfg, ts, builder, train_recs, eval_recs)
-    log.info("stage %s: %d train / %d eval records, batches of %d x %d tokens, features "
-             "ready in %.1f s", cfg.stage, len(train_recs), len(eval_recs), int(t.batch_size),
+    if stream:
+        builder.audio_shapes = {"mel": (model_cfg.whisper.n_mels,
+                                        _mel_frames(cfg.data.audio_seconds))}
+    data = _Data(cfg, ts, builder, train_recs, eval_recs, stream=stream)
+    log.info("stage %s: %d train / %d eval records (%s), batches of %d x %d tokens, ready in "
+             "%.1f s", cfg.stage, len(train_recs), len(eval_recs),
+             "streamed through grain" if stream else "in memory", int(t.batch_size),
              builder.seq_len, time.perf_counter() - tic)
 
     # Resume.
@@ -573,6 +643,8 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
             if s % int(t.log_every) == 0 or s == total:
                 avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 avg.update(thr.rates())
+                if data.stream:
+                    avg["skipped_records"] = float(data.skipped)
                 writer.write(s, avg, "train")
                 last_train = avg
                 window.clear()
@@ -590,6 +662,8 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
 
     preempted = False
     try:
+        if start == 0 and t.eval_at_start and data.eval:
+            writer.write(0, _evaluate(ts, state, frozen, data), "eval")
         thr.start()
         for step in range(start + 1, total + 1):
             batch = data.next()
@@ -665,6 +739,13 @@ def main_train(argv: Sequence[str]) -> int:
     program name, the rest absl flags (`--config FILE --config.x=y --workdir DIR`)."""
     from absl import logging as absl_logging
     flags_ = define_flags()
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(f"usage: {argv[0]} --config configs/<file>.py [--config.stage=2a "
+              "--config.train.steps=N --config.<section>.<key>=VALUE ...] --workdir DIR\n\n"
+              "Trains one stage; a DIR holding a checkpoint is resumed. Every field of the "
+              "config file can be overridden; see configs/*.py and train/defaults.py.\n")
+        print(flags_.module_help(__name__))
+        return 0
     flags_(list(argv))
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
     logging.basicConfig(level=logging.WARNING)
