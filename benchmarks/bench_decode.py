@@ -114,16 +114,32 @@ def smollm2():
     except real_models.MissingModelError as e:
         print(f"skipping SmolLM2-135M: {e}", file=sys.stderr)
         return None
-    from transformers import AutoModelForCausalLM
-
     from freezeempath_jax.checkpoints import load_causal_lm
 
     lm_config, params = load_causal_lm(path)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                 gguf_file=os.path.basename(path),
-                                                 torch_dtype="float32").eval()
+    model = torch_from_gguf(path)
     model.generation_config.eos_token_id = None
     return lm_config, params, model
+
+
+def torch_from_gguf(path):
+    """transformers' own reading of a GGUF file (its dequantization), assembled by hand:
+    `from_pretrained(..., gguf_file=)` runs the same code but also requires `accelerate`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(path)["config"]
+    config = AutoConfig.for_model(cfg.pop("model_type"),
+                                  **{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32))
+                           for k, v in tensors.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
 
 
 def machine() -> str:

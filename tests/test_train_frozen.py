@@ -171,3 +171,35 @@ def test_schedule_warmup_and_cosine():
     # Update k reads the optax schedule at k + 1; the cosine spans optax steps 3..101, so
     # update 51 (optax step 52) sits half-way: half the peak.
     np.testing.assert_allclose(float(sched(51)), 0.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["distill_ce", "distill_kl", "emotion_ce"])
+def test_loss_window_gives_the_whole_row_loss_and_gradient(full_params, objective):
+    """With `loss_positions` the LM head runs at the reply positions only (the prompt's
+    [B, T, vocab] float32 logits are the largest buffers of a step); the loss and the
+    gradients of the trainable parts are those of the whole rows."""
+    from freezeempath_jax.models.freezeempath import FreezeEmpath
+    from freezeempath_jax.train import losses
+    from freezeempath_jax.train.step import TrainConfig, objective_fn
+
+    cfg = TrainConfig(stage="1" if objective.startswith("distill") else "2a",
+                      objective=objective, kl_ce_weight=0.5 if objective == "distill_kl" else 0)
+    f = objective_fn(FreezeEmpath(TINY), cfg)
+    windowed = example_batch(TINY, objective, 4, mel_frames=MEL_FRAMES, reply_len=6)
+    whole = {k: v for k, v in windowed.items() if not k.endswith("loss_positions")}
+    assert "loss_positions" in windowed and len(whole) < len(windowed)
+    norm = losses.normalizers(whole, objective)
+
+    def loss_and_grads(batch):
+        (loss, _), g = jax.value_and_grad(lambda p: f(p, batch, norm), has_aux=True)(full_params)
+        return loss, g
+
+    loss_w, g_w = loss_and_grads(windowed)
+    loss_f, g_f = loss_and_grads(whole)
+    np.testing.assert_allclose(float(loss_w), float(loss_f), rtol=1e-6)
+    prefix = "projector/" if objective.startswith("distill") else "emotion/"
+    gw, gf = _np_tree(g_w), _np_tree(g_f)
+    trained = [p for p in gw if p.startswith(prefix)]
+    assert trained and any(np.abs(gf[p]).max() > 0 for p in trained)
+    for p in trained:
+        np.testing.assert_allclose(gw[p], gf[p], rtol=1e-5, atol=1e-7, err_msg=p)

@@ -282,3 +282,35 @@ def test_train_help_lists_the_flags(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config" in out and "--workdir" in out and "--config.stage" in out
+
+
+def test_manifest_stream_skips_bad_items_and_keeps_training(tmp_path, small_corpus_dir):
+    """A manifest run streams through grain: a missing clip is dropped when the manifest is
+    read (skip_report_train.json), a corrupt one when its batch is made (counted in the log
+    as skipped_records); neither stops training."""
+    from freezeempath_jax.data import synthetic
+    from freezeempath_jax.data.manifests import read_manifest
+
+    if not os.path.exists(os.path.join(small_corpus_dir, "train.jsonl")):
+        synthetic.build_synthetic_corpus(small_corpus_dir, 8, ("en",), 0, (0.8, 0.1, 0.1),
+                                         progress=False)
+    recs = read_manifest(os.path.join(small_corpus_dir, "train.jsonl"))
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    lines = [{"id": r["id"], "audio": r["audio"], "transcript": r["transcript"],
+              "emotion": r["emotion"]} for r in recs]
+    lines.append({"id": "corrupt", "audio": str(corrupt), "transcript": "hi", "emotion": "sad"})
+    lines.append({"id": "missing", "audio": str(tmp_path / "gone.wav"), "transcript": "hi",
+                  "emotion": "sad"})
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    steps = 2 * (len(lines) - 1) // 8  # two epochs of batches of 8: the corrupt clip is drawn
+    cfg = tiny_config(**{"stage": "2a", "data.kind": "manifest", "data.train": str(manifest),
+                         "data.audio_seconds": 3.0, "data.cache_encoder": False,
+                         "train.batch_size": 8, "train.steps": steps,
+                         "train.log_every": steps, "train.eval_batches": 0})
+    out = trainer.train(cfg, str(tmp_path / "run"))
+    assert out["step"] == steps and np.isfinite(out["train/loss"])
+    report = json.loads((tmp_path / "run" / "skip_report_train.json").read_text())
+    assert report["skipped"] == {"missing_audio": 1}
+    assert out["train/skipped_records"] >= 1  # the corrupt clip, each time it was drawn

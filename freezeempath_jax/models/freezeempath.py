@@ -125,6 +125,11 @@ class FreezeEmpath(nn.Module):
                                   ser_logits=feats.ser_logits, attributes=feats.attributes,
                                   cache=out.cache)
 
+    def llm_logits(self, hidden):
+        """The frozen LLM's output head on final hidden states [B, R, H] -> float32 logits
+        (training computes logits only where a loss is taken)."""
+        return self.llm.logits(hidden)
+
     def llm_forward(self, **kwargs):
         """The bare frozen LLM (text-only teacher passes, generation steps)."""
         return self.llm(**kwargs)

@@ -272,8 +272,9 @@ class BatchBuilder:
             target_mask[i, p:p + len(r)] = 1
         targets = np.concatenate([input_ids[:, 1:], np.full((b, 1), pad, np.int32)], axis=1)
         loss_mask = np.concatenate([target_mask[:, 1:], np.zeros((b, 1), np.float32)], axis=1)
+        # positions p-1 .. p+target_len-2 predict the reply: the only ones with loss
         out.update(input_ids=input_ids, attention_mask=attention, targets=targets,
-                   loss_mask=loss_mask)
+                   loss_mask=loss_mask, loss_positions=reply_positions(b, p, self.target_len, t))
         out.update(self._audio(records))
         if self.objective == "distill_kl":
             out.update(self._teacher(records, replies))
@@ -328,6 +329,7 @@ class BatchBuilder:
         ids = np.full((b, t), self.tok.pad_id, np.int32)
         att = np.zeros((b, t), np.int32)
         tmask = np.zeros((b, t), np.float32)
+        prompt_lens = np.ones((b,), np.int32)
         for i, (rec, r) in enumerate(zip(records, replies)):
             if rec is None:
                 ids[i, 0] = self.tok.pad_id
@@ -341,8 +343,10 @@ class BatchBuilder:
             ids[i, :len(row)] = row
             att[i, :len(row)] = 1
             tmask[i, len(prompt) - 1:len(row) - 1] = 1  # positions predicting reply tokens
+            prompt_lens[i] = len(prompt)
         return {"teacher_input_ids": ids, "teacher_attention_mask": att,
-                "teacher_loss_mask": tmask}
+                "teacher_loss_mask": tmask,
+                "teacher_loss_positions": reply_positions(b, prompt_lens, self.target_len, t)}
 
     def _units(self, records, replies) -> Dict[str, np.ndarray]:
         sd = self.model.speech_decoder
@@ -383,6 +387,15 @@ class BatchBuilder:
         if self.objective == "distill_kl":
             n += _round_up(self.teacher_len + self.target_len, 8)
         return n
+
+
+def reply_positions(batch: int, prompt_len, reply_len: int, seq_len: Optional[int] = None
+                    ) -> np.ndarray:
+    """`loss_positions` [B, R]: the positions predicting a reply of up to R tokens that
+    follows a prompt of `prompt_len` tokens (an int, or one per row), clipped to `seq_len`."""
+    start = np.broadcast_to(np.asarray(prompt_len, np.int32), (batch,)) - 1
+    pos = start[:, None] + np.arange(reply_len, dtype=np.int32)[None, :]
+    return pos if seq_len is None else np.minimum(pos, seq_len - 1).astype(np.int32)
 
 
 def _round_up(n: int, k: int) -> int:

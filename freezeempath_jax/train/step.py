@@ -20,8 +20,9 @@ Batch keys (all with the batch on axis 0; see `losses` for the targets):
   audio: `mel` [B, n_mels, frames], or cached encoder outputs `encoder_last` [B, T, d] and
       `encoder_layers` [B, L, T, d] (batch-major; the model's [L, B, T, d] is made inside);
   prompt: `input_ids` [B, T] (placeholders expanded), `attention_mask` [B, T], `targets`,
-      `loss_mask`; stage 1 KL adds `teacher_input_ids`, `teacher_attention_mask`,
-      `teacher_loss_mask`; stages 2a/2b add `emotion_label` [B] (-1 = none), optionally
+      `loss_mask`, optionally `loss_positions` [B, R] (every position whose loss mask can be
+      non-zero: the LM head then runs there only); stage 1 KL adds `teacher_input_ids`,
+      `teacher_attention_mask`, `teacher_loss_mask` (and `teacher_loss_positions`); stages 2a/2b add `emotion_label` [B] (-1 = none), optionally
       `attributes` [B, A] and `attr_mask` [B];
   stage 3: `reply_start` [B] (index of the first reply token in `input_ids`), `text_ids` [B, R]
       (reply tokens), `unit_ids` [B, U], and the streaming layout as `layout_kind`,
@@ -51,6 +52,7 @@ from freezeempath_jax.models.freezeempath import FreezeEmpath
 from freezeempath_jax.train import losses
 from freezeempath_jax.train import optimizer as opt_lib
 from freezeempath_jax.train import state as state_lib
+from freezeempath_jax.train.batches import reply_positions
 from freezeempath_jax.train.state import TrainState
 
 STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
@@ -228,12 +230,13 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
     if abstract:
         out = {"mel": spec((b, c.whisper.n_mels, frames), f32), "input_ids": spec((b, t), i32),
                "attention_mask": spec((b, t), i32), "targets": spec((b, t), i32),
-               "loss_mask": spec((b, t), f32)}
+               "loss_mask": spec((b, t), f32), "loss_positions": spec((b, r), i32)}
         if objective == "distill_kl":
             tt = 2 * prompt_len + r
             out.update(teacher_input_ids=spec((b, tt), i32),
                        teacher_attention_mask=spec((b, tt), i32),
-                       teacher_loss_mask=spec((b, tt), f32))
+                       teacher_loss_mask=spec((b, tt), f32),
+                       teacher_loss_positions=spec((b, r), i32))
         if objective == "emotion_ce":
             out["emotion_label"] = spec((b,), i32)
             if c.emotion.num_attributes:
@@ -271,7 +274,8 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
     targets, loss_mask = losses.next_token_targets(ids, reply_mask)
     out = {"mel": rng.normal(size=(b, c.whisper.n_mels, frames)).astype(f32),
            "input_ids": ids, "attention_mask": attn, "targets": np.asarray(targets),
-           "loss_mask": np.asarray(loss_mask)}
+           "loss_mask": np.asarray(loss_mask),
+           "loss_positions": reply_positions(b, prompt.shape[1], r)}
     if objective == "distill_kl":
         tprompt = tokens((b, 2 * prompt_len))
         tids = np.concatenate([tprompt, reply], axis=1)
@@ -279,7 +283,8 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
         out.update(teacher_input_ids=tids,
                    teacher_attention_mask=np.concatenate([np.ones_like(tprompt),
                                                           valid_reply.astype(i32)], axis=1),
-                   teacher_loss_mask=np.asarray(losses.next_token_targets(tids, tmask)[1]))
+                   teacher_loss_mask=np.asarray(losses.next_token_targets(tids, tmask)[1]),
+                   teacher_loss_positions=reply_positions(b, tprompt.shape[1], r))
     if objective == "emotion_ce":
         labels = rng.integers(0, c.emotion.num_classes, (b,)).astype(i32)
         labels[1::4] = -1  # some rows without an emotion label (stage 2b mixing)
@@ -315,6 +320,33 @@ def _student(model, params, batch, return_logits=True):
                        encoder_states=enc, return_logits=return_logits)
 
 
+def _at(x, positions):
+    """x [B, T, ...] at positions [B, R] -> [B, R, ...]."""
+    idx = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _head_at(model, params, hidden, positions):
+    """LLM logits at `positions` only: the [B, T, vocab] float32 logits of every prompt
+    position (and their gradient) are the largest buffers of a step, and the prompt (300
+    speech tokens for 30 s) carries no loss."""
+    return model.apply({"params": params}, _at(hidden, positions),
+                       method=FreezeEmpath.llm_logits)
+
+
+def _student_windowed(model, params, batch):
+    """(student output, batch) where, given `loss_positions` [B, R] (every position whose
+    loss mask can be non-zero), logits, targets and loss mask are cut to those positions; the
+    loss and its gradient are the same as over the whole row."""
+    pos = batch.get("loss_positions")
+    if pos is None:
+        return _student(model, params, batch), batch
+    out = _student(model, params, batch, return_logits=False)
+    out = out.replace(logits=_head_at(model, params, out.hidden_states, pos))
+    return out, dict(batch, targets=_at(batch["targets"], pos),
+                     loss_mask=_at(batch["loss_mask"], pos))
+
+
 def _decoder_logits(module: FreezeEmpath, h_prev, text_ids, unit_ids, layout):
     dec = module.speech_decoder
     x, targets = dec.layout_inputs(h_prev, text_ids, unit_ids, layout)
@@ -341,18 +373,25 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
 
     if obj == "distill_ce":
         def f(params, batch, norm):
-            return losses.distill_ce(_student(model, params, batch).logits, batch, norm)
+            out, batch = _student_windowed(model, params, batch)
+            return losses.distill_ce(out.logits, batch, norm)
     elif obj == "distill_kl":
         def f(params, batch, norm):
-            student = _student(model, params, batch).logits
+            out, batch = _student_windowed(model, params, batch)
+            pos = batch.get("teacher_loss_positions")
             teacher = model.apply({"params": params}, input_ids=batch["teacher_input_ids"],
                                   attention_mask=batch.get("teacher_attention_mask"),
-                                  method=FreezeEmpath.llm_forward).logits
-            return losses.distill_kl(student, jax.lax.stop_gradient(teacher), batch, norm,
-                                     cfg.kl_temperature, cfg.kl_ce_weight)
+                                  return_logits=pos is None, method=FreezeEmpath.llm_forward)
+            if pos is None:
+                teacher_logits = teacher.logits
+            else:
+                teacher_logits = _head_at(model, params, teacher.hidden_states, pos)
+                batch = dict(batch, teacher_loss_mask=_at(batch["teacher_loss_mask"], pos))
+            return losses.distill_kl(out.logits, jax.lax.stop_gradient(teacher_logits), batch,
+                                     norm, cfg.kl_temperature, cfg.kl_ce_weight)
     elif obj == "emotion_ce":
         def f(params, batch, norm):
-            out = _student(model, params, batch)
+            out, batch = _student_windowed(model, params, batch)
             return losses.emotion_ce(out.logits, out.ser_logits, batch, out.attributes, norm,
                                      ser_weight=cfg.ser_weight, attr_weight=cfg.attr_weight)
     else:  # unit_ce
