@@ -99,7 +99,6 @@ def jax_rows(cfg, batches, prompt_len, new_tokens, repeats, floor_bw, emit):
               "tokens_per_s": b / step_s, "floor_ms": floor_s * 1e3,
               "floor_fraction": floor_s / step_s, "compile_s": compile_s,
               "weight_gb": weight_bytes / 1e9})
-    del params
 
 
 def torch_rows(cfg, batches, prompt_len, new_tokens, repeats, emit):

@@ -3,7 +3,6 @@ one JSONL line per item, bad items get error records while the others succeed, t
 count is returned; prompts match the training frame; conversations keep and drop turns."""
 
 import json
-import os
 import warnings
 
 import jax

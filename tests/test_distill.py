@@ -1,7 +1,6 @@
 """`distill`: the frozen LLM writes its own targets (stage 1 replies, emotion-aware replies,
 empathetic pairs). A tiny random LLM with the real SmolLM2 tokenizer (GGUF metadata)."""
 
-import json
 
 import jax
 import jax.numpy as jnp

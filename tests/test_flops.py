@@ -106,7 +106,7 @@ def test_stage_2a_total_matches_the_hand_count():
     # (forward + dW), gated sum (forward + gradient of the gate weights only), 2x; the
     # learned-query projection (input is a trainable parameter: forward + dW + dq) 3x; every
     # later product 3x.
-    n, q = cfg.whisper.num_layers, e.num_queries
+    n = cfg.whisper.num_layers
     fc1 = 2 * n * d * e.gate_hidden
     gsum = 2 * n * F * d
     rest = emotion_forward(cfg, F) - fc1 - gsum

@@ -84,7 +84,6 @@ def release_config(cfg: dict, src, whisper_cfg: WhisperConfig, dtype, frozen_dty
     if problems:
         raise CheckpointError(origin, problems)
     llm = lm_keys.config_from_hf({**cfg, "model_type": "qwen2"}, frozen_dtype, origin)
-    d = whisper_cfg.d_model
     k = int(cfg.get("speech_encoder_ds_rate", 5))
     projector = ProjectorConfig(type="linear", k=k,
                                 hidden_dim=_shape(src, PROJ + "linear1.weight", 0, 2048))

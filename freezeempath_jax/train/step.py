@@ -22,8 +22,9 @@ Batch keys (all with the batch on axis 0; see `losses` for the targets):
   prompt: `input_ids` [B, T] (placeholders expanded), `attention_mask` [B, T], `targets`,
       `loss_mask`, optionally `loss_positions` [B, R] (every position whose loss mask can be
       non-zero: the LM head then runs there only); stage 1 KL adds `teacher_input_ids`,
-      `teacher_attention_mask`, `teacher_loss_mask` (and `teacher_loss_positions`); stages 2a/2b add `emotion_label` [B] (-1 = none), optionally
-      `attributes` [B, A] and `attr_mask` [B];
+      `teacher_attention_mask`, `teacher_loss_mask` (and `teacher_loss_positions`); stages
+      2a/2b add `emotion_label` [B] (-1 = none), optionally `attributes` [B, A] and
+      `attr_mask` [B];
   stage 3: `reply_start` [B] (index of the first reply token in `input_ids`), `text_ids` [B, R]
       (reply tokens), `unit_ids` [B, U], and the streaming layout as `layout_kind`,
       `layout_index`, `layout_attention_mask`, `layout_loss_mask`, `layout_lengths`
@@ -35,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
