@@ -37,7 +37,7 @@ def load_tokenizer(path: str, add_placeholder_tokens: bool = True):
     """A transformers tokenizer from a local tokenizer directory or a `.gguf` file.
 
     GGUF tokenizers are rebuilt from the file's `tokenizer.ggml.*` metadata (tokens, merges,
-    special ids, chat template) by transformers. `<speech>`/`<emotion>` are added as special
+    special ids, chat template; `tokenizer_from_gguf`). `<speech>`/`<emotion>` are added as special
     tokens when absent (they must never be split into pieces).
     """
     from transformers import AutoTokenizer
@@ -63,20 +63,23 @@ def load_tokenizer(path: str, add_placeholder_tokens: bool = True):
 def tokenizer_from_gguf(path: str):
     """A fast tokenizer from a GGUF file's metadata.
 
-    Uses transformers' GGUF tokenizer conversion directly: `AutoTokenizer.from_pretrained(...,
-    gguf_file=)` builds the same tokenizer but first parses the whole file for the model
-    config, which takes seconds to minutes on large vocabularies.
+    Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2, SmolLM) are rebuilt here with the
+    `tokenizers` library (`gguf_tokenizer`), without PyTorch; other kinds (sentencepiece)
+    through transformers' GGUF conversion, which imports PyTorch.
     """
+    from freezeempath_jax.checkpoints import gguf_tokenizer as gt
+
+    kind = gt.gguf_tokenizer_kind(path)
+    if kind == gt.BYTE_LEVEL:
+        return gt.byte_level_tokenizer_from_gguf(path)
     try:
         from transformers import PreTrainedTokenizerFast
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             convert_gguf_tokenizer, get_gguf_tokenizer)
-    except ImportError:  # other transformers versions: the slower public route
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                             gguf_file=os.path.basename(path),
-                                             local_files_only=True)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ImportError(
+            f"{path}: its {kind!r} tokenizer is rebuilt by transformers' GGUF code, which needs "
+            "PyTorch (pip install torch); or pass a tokenizer directory instead") from e
     arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
     backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

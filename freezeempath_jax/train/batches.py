@@ -78,14 +78,9 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str, speech_token_id: int, emotion_token_id: int):
-        import os
-
-        from transformers import AutoTokenizer
-        if path.endswith(".gguf"):
-            self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                                     gguf_file=os.path.basename(path))
-        else:
-            self.tok = AutoTokenizer.from_pretrained(path)
+        from freezeempath_jax.checkpoints.tokenizer import load_tokenizer
+        # the placeholders are inserted as ids, never as text: no tokens are added
+        self.tok = load_tokenizer(path, add_placeholder_tokens=False)
         self.speech_token_id, self.emotion_token_id = speech_token_id, emotion_token_id
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
