@@ -235,7 +235,9 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     from freezeempath_jax.models.configs import EMOTIONS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it touches
+    logging.getLogger("absl").setLevel(logging.WARNING)
     tic = time.perf_counter()
     workdir = os.path.abspath(workdir)
     report = Path(workdir) / "report"
