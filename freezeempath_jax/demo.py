@@ -30,17 +30,24 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # CPU-sized recipe: every step runs the 135M LLM forward and its input-gradient backward for
-# 8 prompts of ~60 tokens (a few seconds on 2 cores), so steps are counted in tens. The SER
-# head learns fastest; stage 1 and 2b are kept short. "quick" is CI's reduced run.
+# 8 prompts of ~60 tokens (about 2 s on 2 cores), so steps are counted in tens; stage 1 and
+# 2b are kept short, the emotion extractor (2a) gets most of them. "quick" is CI's reduced
+# run. Measured over training seeds 0/1/2 (held-out SER on 60 clips): lr 1e-3 for 96 steps
+# gave 0.85 / 0.92 / 0.87, where lr 3e-3 for 80 steps swung from 0.73 to 0.90 (early steps
+# blew the SER loss up; the recovered runs collapsed angry and neutral into happy).
 RECIPES = {
     "full": {"1": dict(lr=1e-3, batch_size=8, steps=30),
-             "2a": dict(lr=3e-3, batch_size=8, steps=80),
+             "2a": dict(lr=1e-3, batch_size=8, steps=128),
              "2b": dict(lr=3e-4, batch_size=8, steps=16)},
     "quick": {"1": dict(lr=1e-3, batch_size=8, steps=2),
-              "2a": dict(lr=4e-3, batch_size=8, steps=48),
+              "2a": dict(lr=1e-3, batch_size=8, steps=96),
               "2b": dict(lr=3e-4, batch_size=8, steps=2)},
 }
-CORPUS = {"full": 64, "quick": 48}  # clips per emotion
+CORPUS = {"full": 64, "quick": 64}  # clips per emotion
+# The paper weighs the SER-head CE 0.8 over 110K clips x 3 epochs; with ~100 steps the demo
+# gives it more weight (3.0) so the head settles before the CE through the LLM does.
+SER_WEIGHT = 3.0
+WARMUP = 0.1  # of the steps; the default 3% is about 3 steps here
 # The release's system prompt is 28 SmolLM2 tokens, a third of every training sequence here;
 # the demo trains its own adapters, so it uses a shorter instruction (stored in the
 # checkpoint's config, so `chat` uses it too).
@@ -67,6 +74,8 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
         system_prompt=DEMO_SYSTEM_PROMPT)
     c = defaults.base_config(model, RECIPES[size], stage=stage)
     c.train.frozen_dtype = "float32"
+    c.train.warmup_frac = WARMUP
+    c.loss.ser_weight = SER_WEIGHT
     c.train.ckpt_every = 1000
     c.train.log_every = 4
     c.train.eval_batches = 2  # the demo scores every held-out clip itself afterwards
