@@ -123,6 +123,20 @@ def test_stage_2a_total_matches_the_hand_count():
                                   F) == got
 
 
+def test_ser_warm_up_counts_the_emotion_extractor_only():
+    """`ser_ce` never reaches the projector or the LLM: the step is the emotion extractor
+    (same count as in 2a) and, when the encoder is not cached, its forward pass."""
+    tc = dict(stage="2a", objective="ser_ce", batch_size=B)
+    cached = flops.flops_breakdown(TINY, tc, T, F, encoder_cached=True)
+    assert sorted(cached) == ["emotion"]
+    full_2a = flops.flops_breakdown(TINY, dict(stage="2a", batch_size=B), T, F,
+                                    encoder_cached=True)
+    assert cached["emotion"] == full_2a["emotion"]
+    got = flops.train_step_flops(TINY, tc, seq_len=T, encoder_frames=F)
+    assert got == pytest.approx(cached["emotion"][1] + B * whisper_forward(TINY.whisper, F),
+                                rel=1e-12)
+
+
 def test_stage_3_llm_forward_only_and_decoder_trained():
     with pytest.raises(ValueError, match="reply_len"):
         flops.train_step_flops(TINY, dict(stage="3a", batch_size=B), T, F)

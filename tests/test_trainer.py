@@ -88,6 +88,23 @@ def test_stage_2a_learns_emotions_on_held_out_clips(tmp_path, corpus_dir):
     assert abs(ser["ser_accuracy"] - out["eval/ser_accuracy"]) <= 0.05, ser
 
 
+def test_ser_warm_up_learns_without_the_llm(tmp_path, corpus_dir):
+    """`loss.objective=ser_ce` (the demo's stage 2a warm-up): the SER head's CE alone, on
+    cached encoder outputs, learns the held-out clips; no LLM term is computed."""
+    cfg = tiny_config(**{"stage": "2a", "loss.objective": "ser_ce", "data.dir": corpus_dir,
+                         "data.num_per_emotion": 40, "train.eval_batches": 0,
+                         "train.eval_at_start": True})
+    out = trainer.train(cfg, str(tmp_path))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    evals = [r for r in rows if r["split"] == "eval"]
+    print(f"SER warm-up: held-out SER accuracy by step: "
+          f"{[(r['step'], round(r['ser_accuracy'], 3)) for r in evals]}")
+    assert all("loss_ce" not in r and "token_accuracy" not in r for r in rows)
+    assert evals[0]["step"] == 0 and evals[0]["ser_accuracy"] < 0.5
+    assert out["eval/num_ser_examples"] == 40
+    assert out["eval/ser_accuracy"] >= 0.9
+
+
 def sharp_tiny_llm(path):
     """The tiny config's LLM, randomly initialised, with its embeddings and output head scaled
     x25 so that its next-token distributions are peaked (saved in our converted format)."""

@@ -200,7 +200,8 @@ def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
 class BatchBuilder:
     """Records -> batch dict for one stage, with static shapes.
 
-    objective: "distill_ce" | "distill_kl" | "emotion_ce" | "unit_ce" (train.step names).
+    objective: "distill_ce" | "distill_kl" | "emotion_ce" | "ser_ce" | "unit_ce" (train.step
+    names).
     num_speech: speech placeholders per prompt (frames // k of the encoder outputs used).
     target_len: reply tokens kept (EOS included); teacher_len: teacher prompt tokens.
     """
@@ -273,7 +274,7 @@ class BatchBuilder:
         out.update(self._audio(records))
         if self.objective == "distill_kl":
             out.update(self._teacher(records, replies))
-        if self.objective == "emotion_ce":
+        if self.objective in ("emotion_ce", "ser_ce"):
             # 2b rows keep their SER label when the clip has one; -1 marks "no label".
             labels = np.array([-1 if r is None else _label_of(r, self.model.emotions)
                                for r in records], np.int32)

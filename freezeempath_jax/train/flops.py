@@ -247,6 +247,10 @@ def flops_breakdown(model_config, train_config, seq_len: int, encoder_frames: in
         front = c
     if not encoder_cached:
         _whisper(front, cfg, t_enc)
+    if objective == "ser_ce":  # the emotion extractor and its heads only
+        _emotion(front, cfg, t_enc, with_heads=True)
+        b = float(tc.batch_size)
+        return {k: (v[0] * b, v[1] * b) for k, v in sorted(c.parts.items())}
     _, speech_g = _projector(front, cfg, t_enc)
     emo_g = _emotion(front, cfg, t_enc, with_heads=objective == "emotion_ce")
     # Both adapters' outputs are spliced into the LLM input (for distill objectives the

@@ -164,6 +164,26 @@ def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mappin
     return loss, s
 
 
+def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
+           attr_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
+    """SER-head CE over labelled rows (+ `attr_weight` x attribute MSE), no LLM pass: a
+    cheap warm-up of the emotion extractor on emotion-recognition data before stage 2a
+    (the CPU demo's recipe; the LLM-facing MLP gets no gradient here)."""
+    if "emotion_label" not in batch:
+        raise ValueError("objective ser_ce needs batch['emotion_label'] (emotion-labelled clips)")
+    s = classification_sums(ser_logits, batch["emotion_label"])
+    loss = s["ser_sum"] / _denominator(norm, "ser_examples", s["ser_examples"])
+    if attr_weight:
+        if attributes is None or "attributes" not in batch:
+            raise ValueError("attr_weight > 0 needs an attribute head (EmotionConfig."
+                             "num_attributes > 0) and batch['attributes']")
+        a = mse_sums(attributes, batch["attributes"], batch.get("attr_mask"))
+        s.update(a)
+        loss = loss + attr_weight * a["attr_sum"] / _denominator(
+            norm, "attr_examples", a["attr_examples"])
+    return loss, s
+
+
 def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
             ) -> Tuple[jax.Array, Sums]:
     """Stage 3: CE on speech unit / EOS targets of the streaming layout, mean over targets."""
@@ -173,7 +193,7 @@ def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
 
 def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.Array]:
     """Whole-batch denominators of `objective` ("distill_ce", "distill_kl", "emotion_ce",
-    "unit_ce"), computed from masks alone (no model pass)."""
+    "ser_ce", "unit_ce"), computed from masks alone (no model pass)."""
     f32 = jnp.float32
     if objective == "unit_ce":
         m = batch["layout_loss_mask"] if layout_loss_mask is None else layout_loss_mask
@@ -183,7 +203,7 @@ def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.A
         out["kl_tokens"] = jnp.sum(jnp.minimum(
             jnp.sum(jnp.asarray(batch["loss_mask"]) > 0, axis=1),
             jnp.sum(jnp.asarray(batch["teacher_loss_mask"]) > 0, axis=1)).astype(f32))
-    if objective == "emotion_ce":
+    if objective in ("emotion_ce", "ser_ce"):
         if "emotion_label" in batch:
             out["ser_examples"] = jnp.sum((batch["emotion_label"] >= 0).astype(f32))
         if "attributes" in batch:

@@ -58,7 +58,7 @@ from freezeempath_jax.train.state import TrainState
 
 STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
                     "3a": "unit_ce", "3b": "unit_ce"}
-OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "unit_ce")
+OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce")
 LAYOUT_KEYS = ("kind", "index", "attention_mask", "loss_mask", "lengths")
 
 
@@ -67,7 +67,8 @@ class TrainConfig:
     """What the step needs (config data; the loop adds its own keys beside these).
 
     stage: "1", "2a", "2b", "3a", "3b". objective: None = the stage's default
-    (1: distill_ce, 2a/2b: emotion_ce, 3a/3b: unit_ce; "distill_kl" is the stage 1 variant).
+    (1: distill_ce, 2a/2b: emotion_ce, 3a/3b: unit_ce; "distill_kl" is the stage 1 variant,
+    "ser_ce" a stage 2a warm-up of the SER head alone, without the LLM).
     trainable_table: [[regex, "trainable"|"frozen"], ...] or None for the stage's default.
     frozen_dtype: storage dtype of frozen parameters. compute_dtype / remat_policy: when set,
     override every component's dtype / remat policy in the model config.
@@ -238,7 +239,7 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                        teacher_attention_mask=spec((b, tt), i32),
                        teacher_loss_mask=spec((b, tt), f32),
                        teacher_loss_positions=spec((b, r), i32))
-        if objective == "emotion_ce":
+        if objective in ("emotion_ce", "ser_ce"):
             out["emotion_label"] = spec((b,), i32)
             if c.emotion.num_attributes:
                 out["attributes"] = spec((b, c.emotion.num_attributes), f32)
@@ -286,7 +287,7 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                                                           valid_reply.astype(i32)], axis=1),
                    teacher_loss_mask=np.asarray(losses.next_token_targets(tids, tmask)[1]),
                    teacher_loss_positions=reply_positions(b, tprompt.shape[1], r))
-    if objective == "emotion_ce":
+    if objective in ("emotion_ce", "ser_ce"):
         labels = rng.integers(0, c.emotion.num_classes, (b,)).astype(i32)
         labels[1::4] = -1  # some rows without an emotion label (stage 2b mixing)
         out["emotion_label"] = labels
@@ -390,6 +391,16 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
                 batch = dict(batch, teacher_loss_mask=_at(batch["teacher_loss_mask"], pos))
             return losses.distill_kl(out.logits, jax.lax.stop_gradient(teacher_logits), batch,
                                      norm, cfg.kl_temperature, cfg.kl_ce_weight)
+    elif obj == "ser_ce":
+        def f(params, batch, norm):
+            enc = _encoder_states(batch)
+            if enc is None:
+                enc = model.apply({"params": params}, batch["mel"],
+                                  method=FreezeEmpath.encode_audio)
+            feats = model.apply({"params": params}, *enc,
+                                method=FreezeEmpath.features_from_states)
+            return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
+                                 attr_weight=cfg.attr_weight)
     elif obj == "emotion_ce":
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)
