@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="end-to-end CPU demo on real small models and synthetic "
                                     "emotional speech")
     m.add_argument("--workdir", default="demo_out")
-    m.add_argument("--quick", action="store_true", help="fewer clips and steps (CI smoke run)")
+    m.add_argument("--quick", action="store_true",
+                   help="fewer training steps (the reduced run CI tests)")
     m.set_defaults(fn=_demo)
     return p
 

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 RECIPES = {
     "full": {"1": dict(lr=1e-3, batch_size=8, steps=30),
              "ser": dict(lr=1e-3, batch_size=16, steps=300),
-             "2a": dict(lr=1e-3, batch_size=8, steps=64),
-             "2b": dict(lr=3e-4, batch_size=8, steps=16)},
+             "2a": dict(lr=1e-3, batch_size=8, steps=48),
+             "2b": dict(lr=3e-4, batch_size=8, steps=8)},
     "quick": {"1": dict(lr=1e-3, batch_size=8, steps=2),
               "ser": dict(lr=1e-3, batch_size=16, steps=300),
               "2a": dict(lr=1e-3, batch_size=8, steps=24),
