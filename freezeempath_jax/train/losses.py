@@ -140,6 +140,19 @@ def distill_kl(student_logits, teacher_logits, batch, norm: Optional[Mapping] = 
     return loss, s
 
 
+def _with_attributes(loss, s, attributes, batch, norm, attr_weight: float):
+    """Adds `attr_weight` x MSE on arousal/valence/dominance (RE-LLM recipe) when asked."""
+    if attr_weight:
+        if attributes is None or "attributes" not in batch:
+            raise ValueError("attr_weight > 0 needs an attribute head (EmotionConfig."
+                             "num_attributes > 0) and batch['attributes']")
+        a = mse_sums(attributes, batch["attributes"], batch.get("attr_mask"))
+        s.update(a)
+        loss = loss + attr_weight * a["attr_sum"] / _denominator(
+            norm, "attr_examples", a["attr_examples"])
+    return loss, s
+
+
 def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
                ser_weight: float = 0.8, attr_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
     """Stages 2a/2b (and BLSP-Emo's emotion-aware continuation): CE on the LLM's reply tokens
@@ -153,15 +166,7 @@ def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mappin
         if ser_weight:
             loss = loss + ser_weight * ser["ser_sum"] / _denominator(
                 norm, "ser_examples", ser["ser_examples"])
-    if attr_weight:
-        if attributes is None or "attributes" not in batch:
-            raise ValueError("attr_weight > 0 needs an attribute head (EmotionConfig."
-                             "num_attributes > 0) and batch['attributes']")
-        a = mse_sums(attributes, batch["attributes"], batch.get("attr_mask"))
-        s.update(a)
-        loss = loss + attr_weight * a["attr_sum"] / _denominator(
-            norm, "attr_examples", a["attr_examples"])
-    return loss, s
+    return _with_attributes(loss, s, attributes, batch, norm, attr_weight)
 
 
 def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
@@ -173,15 +178,7 @@ def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
         raise ValueError("objective ser_ce needs batch['emotion_label'] (emotion-labelled clips)")
     s = classification_sums(ser_logits, batch["emotion_label"])
     loss = s["ser_sum"] / _denominator(norm, "ser_examples", s["ser_examples"])
-    if attr_weight:
-        if attributes is None or "attributes" not in batch:
-            raise ValueError("attr_weight > 0 needs an attribute head (EmotionConfig."
-                             "num_attributes > 0) and batch['attributes']")
-        a = mse_sums(attributes, batch["attributes"], batch.get("attr_mask"))
-        s.update(a)
-        loss = loss + attr_weight * a["attr_sum"] / _denominator(
-            norm, "attr_examples", a["attr_examples"])
-    return loss, s
+    return _with_attributes(loss, s, attributes, batch, norm, attr_weight)
 
 
 def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
