@@ -48,7 +48,7 @@ def bench_pair(name: str, lm_config, params, torch_model, batch: int, prompt_len
     import jax
     import torch
 
-    from freezeempath_jax import sampling
+    from freezeempath_jax.inference import sampling
 
     rng = np.random.RandomState(seed)
     ids = rng.randint(3, lm_config.vocab_size, (batch, prompt_len)).astype(np.int32)

@@ -61,7 +61,7 @@ def jax_rows(cfg, batches, prompt_len, new_tokens, repeats, floor_bw, emit):
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from freezeempath_jax import sampling
+    from freezeempath_jax.inference import sampling
     from freezeempath_jax.models import CausalLM, init_cache
 
     init = jax.jit(lambda k: nn.meta.unbox(CausalLM(cfg).init(

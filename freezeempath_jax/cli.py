@@ -28,7 +28,7 @@ def _distill(args):
 
 
 def _chat(args):
-    from freezeempath_jax.chat import run_chat
+    from freezeempath_jax.inference.cli import run_chat
     failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, seed=args.seed,
                       batch_size=args.batch_size)
@@ -42,7 +42,7 @@ def _demo(args):
 
 
 def _train(argv):
-    from freezeempath_jax.train.trainer import main_train
+    from freezeempath_jax.train.cli import main_train
     return main_train(argv)
 
 

@@ -251,7 +251,8 @@ def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
 def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     """Runs the demo (see the module docstring); returns the metrics written to
     `workdir/report/metrics.json`."""
-    from freezeempath_jax import chat
+    from freezeempath_jax.inference.cli import run_chat
+    from freezeempath_jax.inference.loading import load_chat_model
     from freezeempath_jax.data.manifests import read_manifest
     from freezeempath_jax.models.configs import EMOTIONS
 
@@ -269,7 +270,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     t_train = time.perf_counter() - tic
     final_dir = os.path.join(workdir, "stage_2b")
     print("[demo] evaluating", flush=True)
-    bot = chat.load_chat_model(final_dir)
+    bot = load_chat_model(final_dir)
     data_dir = os.path.join(workdir, "data")
     held_out = read_manifest(os.path.join(data_dir, "test.jsonl")) + read_manifest(
         os.path.join(data_dir, "validation.jsonl"))
@@ -283,7 +284,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     with open(manifest, "w") as f:
         for r in held_out[:5]:
             f.write(json.dumps({"id": r["id"], "audio": r["audio"]}) + "\n")
-    failures = chat.run_chat(bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
+    failures = run_chat(bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
                              max_new_tokens=32, batch_size=5)
     shared = shared_audio_dir()
     if shared is not None:
@@ -291,7 +292,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
         with open(man, "w") as f:
             for p in sorted(shared.glob("*.wav")):
                 f.write(json.dumps({"id": p.stem, "audio": str(p)}) + "\n")
-        failures += chat.run_chat(bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
+        failures += run_chat(bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
                                   max_new_tokens=32, batch_size=5)
 
     metrics = {

@@ -21,9 +21,17 @@ import logging
 import os
 from typing import Iterable, Iterator, List, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from freezeempath_jax.checkpoints import load_causal_lm, load_converted
+from freezeempath_jax.checkpoints.formats import CONFIG_FILE
+from freezeempath_jax.inference.sampling import generate_text, strip_after_eos
 from freezeempath_jax.models.configs import EMOTIONS, FreezeEmpathConfig
+from freezeempath_jax.text.padding import left_pad, round_up
+from freezeempath_jax.text.prompts import chat_text
+from freezeempath_jax.text.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,7 @@ def pick_emotion(record: dict, mode: str, index: int, seed: int,
 
 def _bucket(n: int, step: int = 32) -> int:
     """Prompt lengths rounded up so a few compiled shapes serve every batch."""
-    return max(step, -(-n // step) * step)
+    return max(step, round_up(n, step))
 
 
 def distill_records(llm_config, llm_params, tokenizer, records: Iterable[dict], *,
@@ -66,11 +74,6 @@ def distill_records(llm_config, llm_params, tokenizer, records: Iterable[dict], 
     Batches keep static shapes (the last one is padded with dummy rows, prompt lengths are
     bucketed) so the jitted generation compiles a handful of times at most.
     """
-    from tqdm.auto import tqdm
-
-    from freezeempath_jax.checkpoints.tokenizer import chat_text, left_pad
-    from freezeempath_jax.sampling import generate_text, strip_after_eos
-
     if mode not in MODES:
         raise ValueError(f"unknown distill mode {mode!r}; choose from {MODES}")
     cfg = prompt_config or FreezeEmpathConfig()
@@ -116,11 +119,6 @@ def distill_records(llm_config, llm_params, tokenizer, records: Iterable[dict], 
 
 def load_llm(model: str, dtype=None):
     """(LMConfig, params, tokenizer) from an HF directory, a .gguf file or a converted dir."""
-    import jax.numpy as jnp
-
-    from freezeempath_jax.checkpoints import load_causal_lm, load_converted, load_tokenizer
-    from freezeempath_jax.checkpoints.orbax_io import CONFIG_FILE
-
     dtype = dtype or jnp.float32
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, CONFIG_FILE)) and \
             os.path.isdir(os.path.join(model, "params")):

@@ -14,10 +14,11 @@ nesting, so the trainable and frozen halves are ordinary parameter trees themsel
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import jax
-from flax.core import meta
+
+from freezeempath_jax.tree import _is_boxed, flatten_with_paths, path_str, unflatten  # noqa: F401
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -39,49 +40,6 @@ STAGE_TABLES: Dict[str, Tuple[Tuple[str, str], ...]] = {
 # Leaves that get no weight decay: biases and normalisation scales (scanned layers make these
 # 2-D, so the rule is by name, not by rank).
 NO_DECAY_REGEX = r"(.*/)?(bias|scale)"
-
-
-def _is_boxed(x) -> bool:
-    return isinstance(x, meta.AxisMetadata)
-
-
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def path_str(path) -> str:
-    """`/`-joined form of a jax key path (DictKey, GetAttrKey, SequenceKey entries) or of a
-    tuple of plain keys."""
-    return "/".join(_key_str(k) for k in path)
-
-
-def flatten_with_paths(tree, is_leaf: Optional[Callable[[Any], bool]] = None
-                       ) -> Dict[str, Any]:
-    """{path: leaf} in tree order. Boxed (`nn.LogicallyPartitioned`) leaves count as leaves, so
-    boxed and unboxed trees give the same paths."""
-    leaf_fn = is_leaf or _is_boxed
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf_fn)
-    out = {}
-    for path, leaf in flat:
-        out[path_str(path)] = leaf
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    """Inverse of `flatten_with_paths` for nested-dict trees: {path: leaf} -> nested dict."""
-    out: dict = {}
-    for path, leaf in flat.items():
-        node = out
-        keys = path.split("/")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"path {path!r} runs through a leaf at {k!r}")
-        node[keys[-1]] = leaf
-    return out
 
 
 def normalize_table(table: Iterable) -> Tuple[Tuple[str, Any], ...]:

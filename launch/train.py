@@ -13,11 +13,11 @@ itself when the environment describes a multi-process job
 
 from absl import app, flags
 
-from freezeempath_jax.train import trainer
+from freezeempath_jax.train import cli
 
 if __name__ == "__main__":
     # absl's app.run gives --help (listing the trainer's flags, adopted as this script's own);
     # main_train then gets the program name alone and re-reads the flags app.run parsed.
-    trainer.define_flags()
-    flags.adopt_module_key_flags(trainer)
-    app.run(trainer.main_train)
+    cli.define_flags()
+    flags.adopt_module_key_flags(cli)
+    app.run(cli.main_train)

@@ -12,11 +12,11 @@ import pytest
 import soundfile as sf
 from flax import linen as nn
 
-from freezeempath_jax import chat
+from freezeempath_jax import inference as chat
 from freezeempath_jax.models import presets
 from freezeempath_jax.models.configs import EMOTIONS
-from freezeempath_jax.train.batches import ByteTokenizer, ChatFormat, PromptBuilder
-from freezeempath_jax.train.state import init_boxed_params
+from freezeempath_jax.checkpoints.model_tree import init_boxed_params
+from freezeempath_jax.text import ByteTokenizer, ChatFormat, PromptBuilder
 
 CFG = presets.TINY
 SECONDS = 3.0  # clip length of configs/tiny.py: 150 encoder frames -> 30 speech tokens

@@ -37,7 +37,7 @@ RECORDS = [
 
 
 def test_reply_mode_matches_direct_generation(tiny_llm):
-    from freezeempath_jax.checkpoints.tokenizer import chat_text
+    from freezeempath_jax.text.prompts import chat_text
     from freezeempath_jax.sampling import generate_text, strip_after_eos
 
     cfg, params, tok = tiny_llm

@@ -1,5 +1,5 @@
 """Byte-level BPE tokenizers rebuilt from GGUF metadata without PyTorch
-(`checkpoints.gguf_tokenizer`), against transformers' own GGUF tokenizer conversion (which
+(`text.gguf_tokenizer`), against transformers' own GGUF tokenizer conversion (which
 needs PyTorch) on the real SmolLM2-135M-Instruct file; and the demo's loading path (GGUF LLM +
 its tokenizer, CTranslate2 Whisper) running in a process where `import torch` fails, as on a
 fresh machine after the README's first command.
@@ -41,7 +41,7 @@ def test_smollm2_tokenizer_equals_transformers_conversion():
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (convert_gguf_tokenizer,
                                                                        get_gguf_tokenizer)
 
-    from freezeempath_jax.checkpoints.gguf_tokenizer import byte_level_tokenizer_from_gguf
+    from freezeempath_jax.text.gguf_tokenizer import byte_level_tokenizer_from_gguf
 
     path = gguf_path()
     ours = byte_level_tokenizer_from_gguf(path)

@@ -10,7 +10,7 @@ from flax import linen as nn
 from freezeempath_jax import params as P_
 from freezeempath_jax.models.presets import TINY
 from freezeempath_jax.sharding import make_mesh
-from freezeempath_jax.train.state import abstract_boxed_params
+from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params
 
 
 @pytest.fixture(scope="module")

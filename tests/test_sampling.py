@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from freezeempath_jax import sampling
+from freezeempath_jax.inference import sampling
 from freezeempath_jax.models.causal_lm import CausalLM
 from freezeempath_jax.models.configs import LMConfig
 

@@ -1,4 +1,4 @@
-"""Joint text + speech-unit generation (`freezeempath_jax.speech_generation`): the streamed
+"""Joint text + speech-unit generation (`freezeempath_jax.inference.speech_generation`): the streamed
 output equals the non-streamed output for the same seed, and both equal the slow reference
 that recomputes every prefix with no KV cache (`reference_generate_speech`, which follows
 `streaming.inference_schedule`). Rows end their text at different points: on a multiple of N
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from freezeempath_jax import sampling
-from freezeempath_jax import speech_generation as sg
+from freezeempath_jax.inference import sampling
+from freezeempath_jax.inference import speech_generation as sg
 from freezeempath_jax.models import presets, streaming
 from freezeempath_jax.models.causal_lm import CausalLM
 from freezeempath_jax.models.speech_decoder import SpeechDecoder

@@ -12,7 +12,7 @@ from freezeempath_jax import params as P_
 from freezeempath_jax.models.presets import TINY
 from freezeempath_jax.sharding import make_mesh
 from freezeempath_jax.train import optimizer as opt_lib
-from freezeempath_jax.train.state import abstract_boxed_params, host_random_params
+from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params, host_random_params
 from freezeempath_jax.train.step import example_batch, make_train_step
 
 STEPS = 3

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from freezeempath_jax.train import checkpointing, trainer
+from freezeempath_jax.checkpoints import load_trained_params
+from freezeempath_jax.train import checkpointing, records, trainer
 from freezeempath_jax.train.metrics import NonFiniteError, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 def config_from(path, **overrides):
     """A configs/*.py file (`file.py:arg` allowed) with `section.key` overrides, as the
     command line would set them."""
-    from freezeempath_jax.chat import load_config_file
+    from freezeempath_jax.inference import load_config_file
 
     cfg = load_config_file(path)
     with cfg.unlocked():
@@ -77,7 +78,8 @@ def test_stage_2a_learns_emotions_on_held_out_clips(tmp_path, corpus_dir):
 
     # the saved checkpoint is the trained model: the chat model built from the workdir
     # classifies the held-out clips as well as the trainer's evaluation did
-    from freezeempath_jax import chat, demo
+    from freezeempath_jax import demo
+    from freezeempath_jax import inference as chat
     from freezeempath_jax.data.manifests import read_manifest
     from freezeempath_jax.models.configs import EMOTIONS
     held_out = (read_manifest(os.path.join(corpus_dir, "validation.jsonl"))
@@ -192,7 +194,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     from freezeempath_jax.models import presets
     from freezeempath_jax.train import batches as B_
 
-    recs = trainer.noise_records(24, 0, presets.TINY.whisper.n_mels, 1.0, presets.TINY.emotions)
+    recs = records.noise_records(24, 0, presets.TINY.whisper.n_mels, 1.0, presets.TINY.emotions)
     bs, seed = 4, 0
     # put the poisoned clip where the seeded order first draws it in the 4th batch or later
     order = B_.MemorySource(list(range(len(recs))), bs, seed)
@@ -217,7 +219,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
         assert ck.latest_step() == failed - 1  # the NaN state was never saved
     finally:
         ck.close()
-    params, _ = checkpointing.load_trained_params(str(tmp_path))
+    params, _ = load_trained_params(str(tmp_path))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
@@ -296,8 +298,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, small_corpus_
     resumed = run_ok(cli_train(broken, *args), cli_env)
     assert resumed["step"] == 30
 
-    a, _ = checkpointing.load_trained_params(str(whole))
-    b, _ = checkpointing.load_trained_params(str(broken))
+    a, _ = load_trained_params(str(whole))
+    b, _ = load_trained_params(str(broken))
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                       err_msg=jax.tree_util.keystr(path))

@@ -14,7 +14,8 @@ from freezeempath_jax.checkpoints.gguf_io import (SUPPORTED_ARCHS, GGUFSource, l
                                                   unpermute_qk)
 from freezeempath_jax.checkpoints.model_tree import (causal_lm_init, dtype_name, make_placer,
                                                      verify)
-from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
+from freezeempath_jax.checkpoints.formats import converted_kind
+from freezeempath_jax.checkpoints.orbax_io import load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.models.configs import LMConfig
 

@@ -4,31 +4,24 @@
     DIR/config.json      {"format": "freezeempath-jax", "kind": ..., "config": {...}, ...}
     DIR/tokenizer/       optional, the tokenizer saved with save_pretrained
 
-`convert` turns any supported input (Whisper, causal LM, FreezeEmpath release) into it;
-`freezeempath-jax convert --kind K --from PATH --out DIR` calls it.
+`checkpoints.formats` names the files and reads config.json (it imports no loader, so every
+loader can read this format); `checkpoints.convert` turns any supported input into it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-from typing import Any, Optional, Tuple
+from typing import Optional
 
 import jax
 import numpy as np
 
 from freezeempath_jax.checkpoints.assemble import flatten, unflatten
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
-from freezeempath_jax.models import configs as C
-
-FORMAT = "freezeempath-jax"
-PARAMS_DIR = "params"
-CONFIG_FILE = "config.json"
-TOKENIZER_DIR = "tokenizer"
-KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig}
-
+from freezeempath_jax.tree import merge_into
+from freezeempath_jax.checkpoints.formats import CONFIG_FILE, PARAMS_DIR, load_config, save_config
 
 def _is_leaf(x):
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
@@ -52,9 +45,7 @@ def select(params, subset_regex: Optional[str]):
 
 def merge_params(base, update):
     """`base` with the leaves of `update` (e.g. a restored trainable subset) put in."""
-    flat = flatten(base, is_leaf=_is_leaf)
-    flat.update(flatten(update, is_leaf=_is_leaf))
-    return unflatten(flat)
+    return merge_into(base, update, is_leaf=_is_leaf)
 
 
 def save_params(directory: str, params, subset_regex: Optional[str] = None, *, config=None,
@@ -80,38 +71,6 @@ def save_params(directory: str, params, subset_regex: Optional[str] = None, *, c
     if config is not None or kind is not None:
         save_config(directory, config, kind, subset_regex=subset_regex, extra=extra)
     return directory
-
-
-def save_config(directory: str, config, kind: Optional[str] = None, *,
-                subset_regex: Optional[str] = None, extra: Optional[dict] = None) -> str:
-    """Writes `directory/config.json` for a config dataclass (kind inferred from its type)."""
-    if kind is None:
-        kind = next((k for k, cls in KINDS.items() if isinstance(config, cls)), None)
-    doc = {"format": FORMAT, "version": 1, "kind": kind,
-           "config": C.to_dict(config) if config is not None else None,
-           "subset": subset_regex}
-    doc.update(extra or {})
-    path = os.path.join(directory, CONFIG_FILE)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-    return path
-
-
-def load_config(directory: str) -> Tuple[str, Any]:
-    """(kind, config dataclass) from `directory/config.json` written by `save_config`."""
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(directory, [Problem("file", file=path, detail="file not found")])
-    with open(path) as f:
-        doc = json.load(f)
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(directory, [Problem("architecture", key="format", file=path,
-                                                  expected=FORMAT, actual=doc.get("format"))])
-    kind = doc.get("kind")
-    if kind not in KINDS:
-        raise CheckpointError(directory, [Problem("architecture", key="kind", file=path,
-                                                  expected=sorted(KINDS), actual=kind)])
-    return kind, C.from_dict(KINDS[kind], doc["config"])
 
 
 def restore_params(directory: str, target=None):
@@ -168,19 +127,6 @@ def load_converted(directory: str, target=None):
     return kind, config, restore_params(directory, target)
 
 
-def converted_kind(path) -> Optional[str]:
-    """The kind ("whisper", "llm", "freezeempath") of a directory in our format, else None."""
-    cfg_path = os.path.join(os.fspath(path), CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        return None
-    try:
-        with open(cfg_path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc.get("kind") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
-
-
 def load_converted_part(path, kind: str, dtype_of, *, shardings=None, mesh=None, rules=None):
     """`(config, params)` of a converted `kind` directory, as the format loaders return them.
 
@@ -225,52 +171,3 @@ def load_converted_part(path, kind: str, dtype_of, *, shardings=None, mesh=None,
     flat = {k: v if v.dtype == target[k].dtype else v.astype(target[k].dtype)
             for k, v in flat.items()}
     return config, unflatten(flat)
-
-
-def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[str] = None,
-            frozen_dtype=None, tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
-    """Converts a checkpoint of `kind` ("whisper", "llm" or "freezeempath") at `src` into our
-    format under `out_dir` and returns `out_dir`.
-
-    dtype: parameter dtype (default float32; for "freezeempath" the trainable parts, with
-    `frozen_dtype` for the Whisper encoder and LLM, bf16 by default).
-    whisper: the Whisper checkpoint for a release without the encoder inside.
-    tokenizer: a tokenizer directory or .gguf to save beside the weights (default: the one in
-    `src` when there is one).
-    """
-    import jax.numpy as jnp
-
-    from freezeempath_jax.checkpoints import tokenizer as tk
-    from freezeempath_jax.checkpoints.causal_lm import find_gguf, load_causal_lm
-    from freezeempath_jax.checkpoints.release import load_freezeempath
-    from freezeempath_jax.checkpoints.whisper import load_whisper_encoder
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(KINDS)}")
-    dtype = jnp.float32 if dtype is None else dtype
-    if kind == "whisper":
-        config, params = load_whisper_encoder(src, dtype)
-    elif kind == "llm":
-        config, params = load_causal_lm(src, dtype)
-    else:
-        config, params = load_freezeempath(
-            src, whisper=whisper, dtype=dtype,
-            frozen_dtype=jnp.bfloat16 if frozen_dtype is None else frozen_dtype)
-    save_params(out_dir, params, config=config, kind=kind, overwrite=overwrite,
-                extra={"source": os.path.abspath(os.fspath(src))})
-    if tokenizer is None and kind != "whisper":
-        if tk.has_tokenizer(src):
-            tokenizer = src
-        elif kind == "llm" and find_gguf(src) and _gguf_has_tokenizer(find_gguf(src)):
-            # weights-only GGUF exports exist; their weights still convert, without tokenizer
-            tokenizer = find_gguf(src)
-    if tokenizer is not None:
-        tk.load_tokenizer(tokenizer).save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
-    return out_dir
-
-
-def _gguf_has_tokenizer(path: str) -> bool:
-    """Whether a GGUF file carries llama.cpp tokenizer metadata (`tokenizer.ggml.model`)."""
-    from freezeempath_jax.checkpoints.gguf_io import GGUFSource
-
-    return GGUFSource(path).field("tokenizer.ggml.model") is not None

@@ -28,7 +28,8 @@ from freezeempath_jax.checkpoints.assemble import (Placer, Rule, assemble, check
                                                    prefixed, unflatten)
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
 from freezeempath_jax.checkpoints.model_tree import freezeempath_init, make_placer, verify
-from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
+from freezeempath_jax.checkpoints.formats import converted_kind
+from freezeempath_jax.checkpoints.orbax_io import load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.checkpoints.whisper import encoder_rules_for, load_whisper_encoder
 from freezeempath_jax.models.configs import (EmotionConfig, FreezeEmpathConfig,
@@ -241,7 +242,7 @@ def load_freezeempath(path, whisper=None, dtype=jnp.float32, frozen_dtype=jnp.bf
 
     ids = None
     if "speech_token_id" not in cfg_json:
-        from freezeempath_jax.checkpoints import tokenizer as tk
+        from freezeempath_jax.text import tokenizers as tk
 
         if tk.has_tokenizer(path):
             ids = tk.placeholder_ids(tk.load_tokenizer(path, add_placeholder_tokens=False))

@@ -21,7 +21,8 @@ from freezeempath_jax.checkpoints.ctranslate2_io import (MODEL_FILE, CTranslate2
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
 from freezeempath_jax.checkpoints.model_tree import (dtype_name, make_placer, verify,
                                                      whisper_init)
-from freezeempath_jax.checkpoints.orbax_io import converted_kind, load_converted_part
+from freezeempath_jax.checkpoints.formats import converted_kind
+from freezeempath_jax.checkpoints.orbax_io import load_converted_part
 from freezeempath_jax.checkpoints.safetensors_io import SafetensorsSource, read_config
 from freezeempath_jax.checkpoints.sources import DictSource, TensorSource, torch_to_numpy
 from freezeempath_jax.models.configs import WhisperConfig

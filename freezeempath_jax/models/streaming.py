@@ -226,3 +226,22 @@ def describe(layout: StreamLayout, row: int = 0) -> str:
             break
         out.append(names[int(k)].format(int(i)))
     return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts inside training batches
+
+LAYOUT_KEYS = ("kind", "index", "attention_mask", "loss_mask", "lengths")
+
+
+def layout_to_batch(layout: StreamLayout) -> dict:
+    """Batch entries (`layout_kind`, ...) of a streaming layout, so it shards like the rest."""
+    return {f"layout_{k}": np.asarray(getattr(layout, k)) for k in LAYOUT_KEYS}
+
+
+def layout_from_batch(batch) -> StreamLayout:
+    """The `StreamLayout` stored in a batch by `layout_to_batch`."""
+    missing = [f"layout_{k}" for k in LAYOUT_KEYS if f"layout_{k}" not in batch]
+    if missing:
+        raise ValueError(f"stage 3 batch lacks {missing} (use streaming.layout_to_batch)")
+    return StreamLayout(**{k: batch[f"layout_{k}"] for k in LAYOUT_KEYS})

@@ -14,10 +14,9 @@ speech / emotion placeholders are expanded to the model's counts), replies are c
 right-padded to `target_len`, units to `units_len`, and missing rows (the tail of an eval
 set) are all-padding rows whose masks are zero, so they count in no loss and no metric.
 
-Tokenizers: `ByteTokenizer` for random tiny models (ids = bytes + offset, with the
-placeholder ids of the model config as specials) or `HFTokenizer` around a transformers
-tokenizer for real checkpoints. Prompt text follows `ChatFormat` (plain for the tiny model,
-the Qwen / model chat template for real ones).
+Tokenizers and prompt text come from `freezeempath_jax.text` (`ByteTokenizer` for random tiny
+models, `HFTokenizer` for real checkpoints; `ChatFormat` plain for the tiny model, the Qwen /
+model chat template for real ones).
 
 Sources (`MemorySource`, `MixedSource`) hand out lists of records in a seeded order and
 expose `get_state()` / `set_state()` (JSON-able) so checkpoints resume the stream exactly.
@@ -25,161 +24,14 @@ expose `get_state()` / `set_state()` (JSON-able) so checkpoints resume the strea
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from freezeempath_jax.models import streaming
 from freezeempath_jax.models.configs import FreezeEmpathConfig
-
-SPEECH = "<speech>"
-EMOTION = "<emotion>"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids (`byte + offset`) for random tiny models.
-
-    Ids below `offset` are specials: pad 0, bos 1, eos 2, and the model's speech / emotion
-    placeholder ids (presets.TINY uses 3 and 4). The LLM vocabulary must hold offset + 256 ids.
-    """
-
-    def __init__(self, vocab_size: int, speech_token_id: int, emotion_token_id: int,
-                 offset: int = 8):
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.speech_token_id, self.emotion_token_id = speech_token_id, emotion_token_id
-        specials = {self.pad_id, self.bos_id, self.eos_id, speech_token_id, emotion_token_id}
-        if len(specials) != 5 or max(specials) >= offset:
-            raise ValueError(f"ByteTokenizer: special ids {sorted(specials)} must be distinct "
-                             f"and below the byte offset {offset}")
-        if offset + 256 > vocab_size:
-            raise ValueError(f"ByteTokenizer needs a vocabulary of at least {offset + 256} ids "
-                             f"(bytes + offset {offset}); the LLM has {vocab_size}")
-        self.offset = offset
-
-    def encode(self, text: str) -> List[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
-        return data.decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """A transformers tokenizer (directory or .gguf file) with the model's placeholder ids.
-
-    The placeholders may lie past the tokenizer's vocabulary (they are spliced, never
-    embedded), so they are inserted as ids, never as text.
-    """
-
-    def __init__(self, path: str, speech_token_id: int, emotion_token_id: int):
-        from freezeempath_jax.checkpoints.tokenizer import load_tokenizer
-        # the placeholders are inserted as ids, never as text: no tokens are added
-        self.tok = load_tokenizer(path, add_placeholder_tokens=False)
-        self.speech_token_id, self.emotion_token_id = speech_token_id, emotion_token_id
-        self.eos_id = self.tok.eos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.bos_id = self.tok.bos_token_id
-
-    def encode(self, text: str) -> List[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-
-def make_tokenizer(model: FreezeEmpathConfig, spec: str = "byte"):
-    """`"byte"` -> ByteTokenizer over the LLM vocabulary; anything else is a tokenizer path."""
-    if spec == "byte":
-        return ByteTokenizer(model.llm.vocab_size, model.speech_token_id, model.emotion_token_id)
-    return HFTokenizer(spec, model.speech_token_id, model.emotion_token_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatFormat:
-    """Text around one user turn: `prefix + user content + suffix`, then the reply.
-
-    "plain": `<bos>user: {content}\\nassistant: ` (short prompts for byte-level tiny models;
-    no system message). "qwen" / "chatml": the ChatML frame of Qwen2.5 (and SmolLM2) with the
-    system message of the model config (DESIGN.md section 4).
-    """
-
-    prefix: str
-    suffix: str
-    use_bos: bool
-
-    @staticmethod
-    def named(name: str, system_prompt: str) -> "ChatFormat":
-        if name == "plain":
-            return ChatFormat("user: ", "\nassistant: ", True)
-        if name in ("qwen", "chatml"):  # Qwen2.5 and SmolLM2 share the ChatML frame
-            return ChatFormat(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-                              "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", False)
-        raise ValueError(f"data.chat_template={name!r} is unknown; choose 'plain', 'qwen' or "
-                         "'chatml'")
-
-
-class PromptBuilder:
-    """Token ids of prompts with expanded placeholders.
-
-    `speech_prompt(template, emotion=...)`: the user content is `template` with `<speech>`
-    replaced by `num_speech` speech placeholder ids and `<emotion>` by `num_emotion` emotion
-    placeholder ids (the model splices its embeddings there). `text_prompt(content)`: the
-    same frame around plain text (teacher passes).
-    """
-
-    def __init__(self, tokenizer, fmt: ChatFormat, num_speech: int, num_emotion: int):
-        self.tok, self.fmt = tokenizer, fmt
-        self.num_speech, self.num_emotion = num_speech, num_emotion
-
-    def _frame(self, content_ids: List[int]) -> List[int]:
-        head = [self.tok.bos_id] if self.fmt.use_bos and self.tok.bos_id is not None else []
-        return head + self.tok.encode(self.fmt.prefix) + content_ids + self.tok.encode(
-            self.fmt.suffix)
-
-    def speech_prompt(self, template: str) -> List[int]:
-        ids: List[int] = []
-        rest = template
-        while rest:
-            cut = [(rest.find(t), t) for t in (SPEECH, EMOTION) if rest.find(t) >= 0]
-            if not cut:
-                ids += self.tok.encode(rest)
-                break
-            pos, tag = min(cut)
-            ids += self.tok.encode(rest[:pos])
-            if tag == SPEECH:
-                ids += [self.tok.speech_token_id] * self.num_speech
-            else:
-                ids += [self.tok.emotion_token_id] * self.num_emotion
-            rest = rest[pos + len(tag):]
-        if ids.count(self.tok.speech_token_id) != self.num_speech:
-            raise ValueError(f"prompt template {template!r} must hold {SPEECH} exactly once")
-        return self._frame(ids)
-
-    def text_prompt(self, content: str) -> List[int]:
-        return self._frame(self.tok.encode(content))
-
-
-def emotion_statement(emotion: str) -> str:
-    """Stage 2a target: the LLM names the emotion it hears."""
-    return f"The speaker sounds {emotion}."
-
-
-def teacher_content(transcript: str, emotion: Optional[str] = None) -> str:
-    """What the teacher LLM reads instead of speech: the transcript (plus the emotion label
-    in 2b, where the frozen LLM writes the empathetic reply from text + label)."""
-    if emotion is None:
-        return transcript
-    return f"{transcript} (with a {emotion} emotional tone)."
+from freezeempath_jax.text.padding import round_up as _round_up
+from freezeempath_jax.text.prompts import SPEECH, ChatFormat, PromptBuilder, emotion_statement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,10 +223,9 @@ class BatchBuilder:
         seq = streaming.layout_length(r_len, u_len, sd.max_length)
         layout = streaming.build_layout(text_lengths, unit_lengths, sd.stream_n, sd.stream_m,
                                         sd.max_length, seq_len=seq)
-        from freezeempath_jax.train.step import layout_to_batch
         out = {"reply_start": np.full((b,), len(self.prompt), np.int32),
                "text_ids": text_ids, "unit_ids": unit_ids}
-        out.update(layout_to_batch(layout))
+        out.update(streaming.layout_to_batch(layout))
         return out
 
     def tokens_per_row(self) -> int:
@@ -392,10 +243,6 @@ def reply_positions(batch: int, prompt_len, reply_len: int, seq_len: Optional[in
     start = np.broadcast_to(np.asarray(prompt_len, np.int32), (batch,)) - 1
     pos = start[:, None] + np.arange(reply_len, dtype=np.int32)[None, :]
     return pos if seq_len is None else np.minimum(pos, seq_len - 1).astype(np.int32)
-
-
-def _round_up(n: int, k: int) -> int:
-    return int(math.ceil(n / k) * k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 from typing import Any, Mapping, Optional, Tuple
@@ -27,7 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-STATE, DATA, META = "state", "data", "meta"
+
+from freezeempath_jax.checkpoints.workdir import DATA, META, STATE, checkpoint_dir  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +86,6 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 class Checkpointer:
     """Keep-N, optionally asynchronous checkpoints of (state, data position, meta)."""
 
@@ -146,24 +142,6 @@ def _jsonable(x):
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-def load_trained_params(workdir: str, step: Optional[int] = None):
-    """The trainable parameters saved in `workdir` (newest step unless given), as a nested
-    dict of host numpy arrays - how a later stage or `chat` picks up a trained part."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints under {directory}")
-    with ocp.CheckpointManager(directory, item_names=(STATE, DATA, META),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-        restored = mngr.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeRestore(), META: ocp.args.JsonRestore()}))
-    state = restored[STATE]
-    params = state["params"] if isinstance(state, Mapping) else state.params
-    return jax.tree.map(lambda a: jax.device_get(a), params), dict(restored[META] or {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ field the user set alone:
                                                        freezing table of
                                                        `params.STAGE_TABLES[stage]`
     config.loss.objective                           <- recipes[stage].objective, else
-                                                       the stage's (train.step.STAGE_OBJECTIVES)
+                                                       the stage's (train.losses.STAGE_OBJECTIVES)
     config.train.eval_every                         <- train.ckpt_every
 
 `steps` given in the recipe wins over `epochs`; otherwise steps = ceil(epochs x
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -33,6 +33,7 @@ from ml_collections import config_dict
 from freezeempath_jax import params as P_
 from freezeempath_jax.models.configs import to_dict
 from freezeempath_jax.sharding import DEFAULT_RULES
+from freezeempath_jax.train.losses import STAGE_OBJECTIVES
 
 # Stage names the trainer knows; "3" is shorthand for "3a" (speech decoder on TTS units).
 STAGES = ("1", "2a", "2b", "3a", "3b")
@@ -73,7 +74,6 @@ def train_section() -> ml_collections.ConfigDict:
     t.lr = config_dict.placeholder(float)
     t.eval_every = config_dict.placeholder(int)
     t.warmup_frac = 0.03
-    t.schedule = "cosine"  # warmup + cosine decay (DESIGN.md section 5); the only one offered
     t.end_lr_frac = 0.0
     t.weight_decay = 0.0
     t.b1 = 0.9
@@ -148,7 +148,6 @@ def data_section() -> ml_collections.ConfigDict:
     # Folder for work that depends only on frozen parts (encoder outputs, self-distilled
     # replies), reused by later stages and later runs ("" -> kept in memory for this run only).
     d.cache_dir = ""
-    d.prompt_len = 0  # 0: computed from the template and the number of speech tokens
     d.target_len = 16  # reply tokens (+ EOS), right-padded / cut
     d.teacher_len = 96  # stage 1 KL: teacher prompt tokens (transcript in the chat frame)
     d.stage1_template = "<speech>"  # stage 1 user turn (the emotion part comes with stage 2)
@@ -229,7 +228,6 @@ def resolve(config: ml_collections.ConfigDict, num_train_examples: Optional[int]
         if t.eval_every is None:
             t.eval_every = recipe.get("eval_every") or t.ckpt_every
         if c.loss.objective is None:
-            from freezeempath_jax.train.step import STAGE_OBJECTIVES
             c.loss.objective = recipe.get("objective") or STAGE_OBJECTIVES[c.stage]
         if c.trainable is None:
             table = recipe.get("trainable")
@@ -240,3 +238,22 @@ def resolve(config: ml_collections.ConfigDict, num_train_examples: Optional[int]
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
                              f"train.grad_accum={t.grad_accum}")
     return c
+
+
+def train_config_from(cfg) -> Dict[str, Any]:
+    """The `train.step.TrainConfig` fields of a resolved config."""
+    t, l = cfg.train, cfg.loss
+    return dict(
+        stage=cfg.stage, objective=l.objective,
+        trainable_table=tuple(tuple(e) for e in cfg.trainable),
+        frozen_dtype=t.frozen_dtype, compute_dtype=t.compute_dtype,
+        remat_policy=t.remat_policy, steps=int(t.steps), batch_size=int(t.batch_size),
+        microbatches=int(t.grad_accum), learning_rate=float(t.lr),
+        warmup_fraction=float(t.warmup_frac), end_lr_fraction=float(t.end_lr_frac),
+        weight_decay=float(t.weight_decay), b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
+        grad_clip_norm=float(t.grad_clip) or None, ser_weight=float(l.ser_weight),
+        attr_weight=float(l.attr_weight), kl_temperature=float(l.kl_temperature),
+        kl_ce_weight=float(l.kl_ce_weight),
+        sharding_overrides=(tuple(tuple(e) for e in cfg.mesh.overrides)
+                            if cfg.mesh.get("overrides") else None),
+        seed=int(t.seed))

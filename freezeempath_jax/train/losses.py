@@ -31,6 +31,11 @@ import jax.numpy as jnp
 
 Sums = Dict[str, jax.Array]
 
+# The objective each stage trains by default, and every objective the train step knows.
+STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
+                    "3a": "unit_ce", "3b": "unit_ce"}
+OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce")
+
 
 def next_token_targets(input_ids, target_mask):
     """(targets, loss_mask) aligned with input positions from ids [B, T] and a mask [B, T] of

@@ -195,11 +195,10 @@ def plan_step(config, mesh_spec: MeshSpec, devices: Optional[Sequence[Any]] = No
         raise ValueError(f"mesh {mesh_spec.name} needs {mesh_spec.devices} devices, have "
                          f"{len(pool)} (set XLA_FLAGS=--xla_force_host_platform_device_count="
                          f"{mesh_spec.devices} before jax is imported)")
-    from freezeempath_jax.train.trainer import train_config_from  # one mapping, kept there
 
     rules = sharding.rules_from_config(config.mesh.rules)
     model_cfg = from_dict(FreezeEmpathConfig, config.model.to_dict())
-    tc = train_config_from(config)
+    tc = defaults.train_config_from(config)
     batch_size, micro = int(tc["batch_size"]), int(tc["microbatches"])
     # Fail with the reason rather than with a partitioner error deep inside lowering.
     axes = batch_axes(rules)

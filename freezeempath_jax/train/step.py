@@ -47,6 +47,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from freezeempath_jax import params as P_
 from freezeempath_jax import sharding
+from freezeempath_jax.checkpoints.model_tree import (abstract_boxed_params, init_boxed_params,
+                                                     init_missing)
+from freezeempath_jax.tree import cast_floating_abstract
 from freezeempath_jax.models import streaming
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dtype
 from freezeempath_jax.models.freezeempath import FreezeEmpath
@@ -56,10 +59,7 @@ from freezeempath_jax.train import state as state_lib
 from freezeempath_jax.train.batches import reply_positions
 from freezeempath_jax.train.state import TrainState
 
-STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
-                    "3a": "unit_ce", "3b": "unit_ce"}
-OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce")
-LAYOUT_KEYS = ("kind", "index", "attention_mask", "loss_mask", "lengths")
+STAGE_OBJECTIVES, OBJECTIVES = losses.STAGE_OBJECTIVES, losses.OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,18 +154,6 @@ def with_overrides(config: FreezeEmpathConfig, compute_dtype=None, remat_policy=
     return dataclasses.replace(config, **kw)
 
 
-def layout_to_batch(layout: streaming.StreamLayout) -> Dict[str, np.ndarray]:
-    """Batch entries (`layout_kind`, ...) of a streaming layout, so it shards like the rest."""
-    return {f"layout_{k}": np.asarray(getattr(layout, k)) for k in LAYOUT_KEYS}
-
-
-def layout_from_batch(batch) -> streaming.StreamLayout:
-    missing = [f"layout_{k}" for k in LAYOUT_KEYS if f"layout_{k}" not in batch]
-    if missing:
-        raise ValueError(f"stage 3 batch lacks {missing} (use step.layout_to_batch)")
-    return streaming.StreamLayout(**{k: batch[f"layout_{k}"] for k in LAYOUT_KEYS})
-
-
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when the environment describes a multi-process job
     (JAX_COORDINATOR_ADDRESS, a SLURM allocation of several tasks, a multi-host TPU slice,
@@ -250,7 +238,7 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                        unit_ids=spec((b, unit_len), i32),
                        **{f"layout_{k}": spec((b, s_len) if k != "lengths" else (b,),
                                               f32 if k == "loss_mask" else i32)
-                          for k in LAYOUT_KEYS})
+                          for k in streaming.LAYOUT_KEYS})
         return out
 
     rng = np.random.default_rng(seed)
@@ -301,7 +289,7 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                                         sd.max_length, seq_len=r + unit_len + 2)
         units = rng.integers(0, sd.unit_vocab_size, (b, unit_len)).astype(i32)
         out.update(reply_start=np.full((b,), prompt.shape[1], i32), text_ids=reply,
-                   unit_ids=units, **layout_to_batch(layout))
+                   unit_ids=units, **streaming.layout_to_batch(layout))
     return out
 
 
@@ -411,7 +399,7 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             raise ValueError("objective unit_ce needs a model config with a speech_decoder")
 
         def f(params, batch, norm):
-            layout = layout_from_batch(batch)
+            layout = streaming.layout_from_batch(batch)
             h_prev = _reply_hidden(model, params, batch)
             logits, targets = model.apply({"params": params}, h_prev, batch["text_ids"],
                                           batch["unit_ids"], layout, method=_decoder_logits)
@@ -498,28 +486,28 @@ class TrainStep:
     param_shardings: Any  # full (unboxed) tree
 
 
-def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
-                    rules=sharding.DEFAULT_RULES) -> TrainStep:
-    """Builds the model, optimizer, shardings and the jitted init / step / eval functions."""
-    cfg = TrainConfig.from_dict(train_config)
-    rules = sharding.rules_from_config(rules)
-    model_config = with_overrides(model_config, cfg.compute_dtype, cfg.remat_policy)
-    model = FreezeEmpath(model_config)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Shapes and shardings of everything a step touches, all abstract (nothing allocated)."""
+
+    labels: Any  # trainable / frozen label of every parameter
+    full_abstract: Any  # unboxed ShapeDtypeStructs of the whole model
+    full_shardings: Any
+    train_shardings: Any
+    frozen_shardings: Any
+    state_shardings: TrainState
+    abstract_state: TrainState
+    abstract_frozen: Any
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+    batch_axes: Any
+
+
+def _plan(model_config: FreezeEmpathConfig, cfg: TrainConfig, tx, mesh: Mesh, rules) -> _Plan:
+    """Splits the model's abstract tree by the stage's table and shards both halves, the
+    optimizer state and the batch."""
     table = cfg.table
-    objective = cfg.resolved_objective
-    if cfg.microbatches < 1:
-        raise ValueError(f"TrainConfig.microbatches must be >= 1, got {cfg.microbatches}")
-
-    tx = opt_lib.make_optimizer(
-        table, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
-        warmup_fraction=cfg.warmup_fraction, end_lr_fraction=cfg.end_lr_fraction,
-        weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        grad_clip_norm=cfg.grad_clip_norm, no_decay_regex=cfg.no_decay_regex)
-    schedule = opt_lib.make_schedule(cfg.learning_rate, cfg.steps, cfg.warmup_fraction,
-                                     cfg.end_lr_fraction)
-
-    # Shapes and shardings, all abstract (nothing is allocated here).
-    boxed = state_lib.abstract_boxed_params(model_config)
+    boxed = abstract_boxed_params(model_config)
     full_abstract = nn.meta.unbox(boxed)
     labels = P_.label_tree(full_abstract, table)
     if P_.TRAINABLE not in set(jax.tree.leaves(labels)):
@@ -529,8 +517,8 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
     full_sh = P_.override_shardings(full_sh, cfg.sharding_overrides, mesh)
     train_sh, frozen_sh = P_.split(full_sh, labels)
     train_abs, frozen_abs = P_.split(full_abstract, labels)
-    train_abs = state_lib.cast_floating_abstract(train_abs, jnp.float32)
-    frozen_abs = state_lib.cast_floating_abstract(frozen_abs, cfg.frozen_dtype)
+    train_abs = cast_floating_abstract(train_abs, jnp.float32)
+    frozen_abs = cast_floating_abstract(frozen_abs, cfg.frozen_dtype)
     opt_abs = jax.eval_shape(tx.init, train_abs)
     replicated = NamedSharding(mesh, P())
     state_sh = TrainState(step=replicated, params=train_sh,
@@ -541,26 +529,37 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
                                 opt_state=opt_abs,
                                 rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     b_axes = batch_axes(rules)
-    batch_sh = NamedSharding(mesh, P(b_axes))
+    return _Plan(labels=labels, full_abstract=full_abstract, full_shardings=full_sh,
+                 train_shardings=train_sh, frozen_shardings=frozen_sh,
+                 state_shardings=state_sh, abstract_state=abstract_state,
+                 abstract_frozen=frozen_abs, batch_sharding=NamedSharding(mesh, P(b_axes)),
+                 replicated=replicated, batch_axes=b_axes)
 
-    # ---- init
+
+def _make_init(model_config, cfg: TrainConfig, tx, plan: _Plan, mesh: Mesh) -> Callable:
+    """`init(rng=None) -> (state, frozen)`: random parameters created in their shardings."""
     def _init(rng):
         p_rng, s_rng = jax.random.split(rng)
-        boxed_p = state_lib.init_boxed_params(model_config, p_rng)
-        trainable, frozen = state_lib.split_params(nn.meta.unbox(boxed_p), table,
+        boxed_p = init_boxed_params(model_config, p_rng)
+        trainable, frozen = state_lib.split_params(nn.meta.unbox(boxed_p), cfg.table,
                                                    cfg.frozen_dtype)
         return state_lib.create_state(trainable, tx, s_rng), frozen
 
     # Initialisation runs without logical rules: its forward pass is dead code and the output
     # shardings place every parameter (unboxing under rules would also constrain each one).
-    init_jit = _Sharded(jax.jit(_init, out_shardings=(state_sh, frozen_sh)), mesh, ())
+    init_jit = _Sharded(jax.jit(_init, out_shardings=(plan.state_shardings,
+                                                      plan.frozen_shardings)), mesh, ())
 
     def init(rng=None):
         """Random parameters (seeded by `rng` or `TrainConfig.seed`), created sharded."""
-        if rng is None:
-            rng = jax.random.PRNGKey(cfg.seed)
-        return init_jit(rng)
+        return init_jit(jax.random.PRNGKey(cfg.seed) if rng is None else rng)
 
+    return init
+
+
+def _make_from_params(model_config, cfg: TrainConfig, tx, plan: _Plan, mesh: Mesh,
+                      rules) -> Callable:
+    """`from_params(params, rng=None) -> (state, frozen)` for loaded weights."""
     def from_params(params, rng=None):
         """(state, frozen) from loaded weights: an unboxed tree with some or all parameters.
 
@@ -570,7 +569,7 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
         if rng is None:
             rng = jax.random.PRNGKey(cfg.seed)
         given = P_.flatten_with_paths(nn.meta.unbox(params))
-        want = P_.flatten_with_paths(full_abstract)
+        want = P_.flatten_with_paths(plan.full_abstract)
         unexpected = sorted(set(given) - set(want))
         if unexpected:
             raise ValueError(f"from_params: unexpected parameters {unexpected[:10]}"
@@ -579,38 +578,37 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
                if tuple(np.shape(v)) != tuple(want[p].shape)]
         if bad:
             raise ValueError(f"from_params: mis-shaped parameters {bad[:10]}")
-        missing = [p for p in want if p not in given]
-        flat_labels = P_.flatten_with_paths(labels)
-        flat_sh = P_.flatten_with_paths(full_sh)
+        flat_labels = P_.flatten_with_paths(plan.labels)
+        flat_sh = P_.flatten_with_paths(plan.full_shardings)
         p_rng, s_rng = jax.random.split(rng)
-        if missing:
-            def _init_missing(r):
-                flat = P_.flatten_with_paths(nn.meta.unbox(
-                    state_lib.init_boxed_params(model_config, r)))
-                return {p: flat[p] for p in missing}
-            with jax.set_mesh(mesh):
-                fresh = jax.jit(_init_missing, out_shardings={p: flat_sh[p] for p in missing})(
-                    p_rng)
-        else:
-            fresh = {}
-        placed = {}
-        for p, v in given.items():
-            dtype = jnp.float32 if flat_labels[p] == P_.TRAINABLE else to_dtype(cfg.frozen_dtype)
+        with jax.set_mesh(mesh):
+            fresh = init_missing(model_config, p_rng, [p for p in want if p not in given],
+                                 flat_sh)
+
+        def dtype_of(p, v):
             if not jnp.issubdtype(jnp.result_type(v), jnp.floating):
-                dtype = jnp.result_type(v)
-            placed[p] = jax.device_put(np.asarray(v).astype(dtype)
-                                       if not isinstance(v, jax.Array) else v.astype(dtype),
-                                       flat_sh[p])
-        for p, v in fresh.items():
-            dtype = jnp.float32 if flat_labels[p] == P_.TRAINABLE else to_dtype(cfg.frozen_dtype)
-            placed[p] = v.astype(dtype)
-        trainable, frozen = P_.split(P_.unflatten({p: placed[p] for p in want}), labels)
-        make = jax.jit(lambda t, r: state_lib.create_state(t, tx, r), out_shardings=state_sh)
+                return jnp.result_type(v)
+            return jnp.float32 if flat_labels[p] == P_.TRAINABLE else to_dtype(cfg.frozen_dtype)
+
+        placed = {p: jax.device_put(np.asarray(v).astype(dtype_of(p, v))
+                                    if not isinstance(v, jax.Array)
+                                    else v.astype(dtype_of(p, v)), flat_sh[p])
+                  for p, v in given.items()}
+        placed.update({p: v.astype(dtype_of(p, v)) for p, v in fresh.items()})
+        trainable, frozen = P_.split(P_.unflatten({p: placed[p] for p in want}), plan.labels)
+        make = jax.jit(lambda t, r: state_lib.create_state(t, tx, r),
+                       out_shardings=plan.state_shardings)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             state = make(trainable, s_rng)
         return state, frozen
 
-    # ---- step
+    return from_params
+
+
+def _make_update(model: FreezeEmpath, cfg: TrainConfig, tx, schedule, plan: _Plan):
+    """The pure `(state, frozen, batch) -> (state, metrics)` of one optimizer step (gradient
+    accumulation over microbatches included) and the pure eval `-> metrics`."""
+    objective = cfg.resolved_objective
     loss_of = objective_fn(model, cfg)
     n_micro = cfg.microbatches
 
@@ -619,27 +617,31 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
 
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
 
-    def _step(state: TrainState, frozen, batch):
+    def _accumulated(state, frozen, batch, norm):
+        micro = split_microbatches(batch, n_micro, plan.batch_axes)
+        first = jax.tree.map(lambda x: x[0], micro)
+        sums_abs = jax.eval_shape(lambda: _loss(state.params, frozen, first, norm)[1])
+        zeros = (jax.lax.with_sharding_constraint(
+            jax.tree.map(jnp.zeros_like, state.params), plan.train_shardings),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_abs))
+
+        def body(carry, mb):
+            g_acc, l_acc, s_acc = carry
+            (l, s), g = grad_fn(state.params, frozen, mb, norm)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+                    jax.tree.map(jnp.add, s_acc, s)), None
+
+        (grads, loss, sums), _ = jax.lax.scan(body, zeros, micro)
+        return (loss, sums), grads
+
+    def update(state: TrainState, frozen, batch):
         norm = losses.normalizers(batch, objective)
         rng, _ = jax.random.split(state.rng)
         if n_micro == 1:
             (loss, sums), grads = grad_fn(state.params, frozen, batch, norm)
         else:
-            micro = split_microbatches(batch, n_micro, b_axes)
-            first = jax.tree.map(lambda x: x[0], micro)
-            sums_abs = jax.eval_shape(lambda: _loss(state.params, frozen, first, norm)[1])
-            zeros = (jax.lax.with_sharding_constraint(
-                jax.tree.map(jnp.zeros_like, state.params), train_sh),
-                jnp.zeros((), jnp.float32),
-                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_abs))
-
-            def body(carry, mb):
-                g_acc, l_acc, s_acc = carry
-                (l, s), g = grad_fn(state.params, frozen, mb, norm)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
-                        jax.tree.map(jnp.add, s_acc, s)), None
-
-            (grads, loss, sums), _ = jax.lax.scan(body, zeros, micro)
+            (loss, sums), grads = _accumulated(state, frozen, batch, norm)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -650,24 +652,49 @@ def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
                                   rng=rng)
         return new_state, metrics
 
-    step_jit = _Sharded(jax.jit(_step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                                out_shardings=(state_sh, replicated), donate_argnums=(0,)),
-                        mesh, rules)
-
-    def _eval(state: TrainState, frozen, batch):
+    def evaluate(state: TrainState, frozen, batch):
         norm = losses.normalizers(batch, objective)
         loss, sums = _loss(state.params, frozen, batch, norm)
         return {"loss": loss, **losses.finalize_metrics(sums)}
 
-    eval_jit = _Sharded(jax.jit(_eval, in_shardings=(state_sh, frozen_sh, batch_sh),
-                                out_shardings=replicated), mesh, rules)
+    return update, evaluate
 
+
+def make_train_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES) -> TrainStep:
+    """Builds the model, optimizer, shardings and the jitted init / step / eval functions."""
+    cfg = TrainConfig.from_dict(train_config)
+    rules = sharding.rules_from_config(rules)
+    model_config = with_overrides(model_config, cfg.compute_dtype, cfg.remat_policy)
+    model = FreezeEmpath(model_config)
+    cfg.resolved_objective  # fail fast on an unknown objective
+    if cfg.microbatches < 1:
+        raise ValueError(f"TrainConfig.microbatches must be >= 1, got {cfg.microbatches}")
+
+    tx = opt_lib.make_optimizer(
+        cfg.table, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+        warmup_fraction=cfg.warmup_fraction, end_lr_fraction=cfg.end_lr_fraction,
+        weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        grad_clip_norm=cfg.grad_clip_norm, no_decay_regex=cfg.no_decay_regex)
+    schedule = opt_lib.make_schedule(cfg.learning_rate, cfg.steps, cfg.warmup_fraction,
+                                     cfg.end_lr_fraction)
+    plan = _plan(model_config, cfg, tx, mesh, rules)
+    update, evaluate = _make_update(model, cfg, tx, schedule, plan)
+    shardings = (plan.state_shardings, plan.frozen_shardings, plan.batch_sharding)
+    step_jit = _Sharded(jax.jit(update, in_shardings=shardings,
+                                out_shardings=(plan.state_shardings, plan.replicated),
+                                donate_argnums=(0,)), mesh, rules)
+    eval_jit = _Sharded(jax.jit(evaluate, in_shardings=shardings,
+                                out_shardings=plan.replicated), mesh, rules)
     return TrainStep(model=model, model_config=model_config, train_config=cfg, mesh=mesh,
-                     rules=rules, table=table, tx=tx, schedule=schedule,
-                     state_shardings=state_sh, frozen_shardings=frozen_sh,
-                     batch_sharding=batch_sh, abstract_state=abstract_state,
-                     abstract_frozen=frozen_abs, init=init, from_params=from_params,
-                     step=step_jit, eval=eval_jit, param_shardings=full_sh)
+                     rules=rules, table=cfg.table, tx=tx, schedule=schedule,
+                     state_shardings=plan.state_shardings,
+                     frozen_shardings=plan.frozen_shardings,
+                     batch_sharding=plan.batch_sharding, abstract_state=plan.abstract_state,
+                     abstract_frozen=plan.abstract_frozen,
+                     init=_make_init(model_config, cfg, tx, plan, mesh),
+                     from_params=_make_from_params(model_config, cfg, tx, plan, mesh, rules),
+                     step=step_jit, eval=eval_jit, param_shardings=plan.full_shardings)
 
 
 def make_eval_step(model_config: FreezeEmpathConfig, train_config, mesh: Mesh,

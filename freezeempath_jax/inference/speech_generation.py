@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from freezeempath_jax import sampling as sampling_lib
+from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.models import streaming
 from freezeempath_jax.models.causal_lm import CausalLM, init_cache
 from freezeempath_jax.models.configs import LMConfig, SpeechDecoderConfig

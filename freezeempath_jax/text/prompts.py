@@ -1,0 +1,131 @@
+"""Prompts: the chat frame around a turn, the placeholder expansion, and the texts each
+training stage and the teacher read (DESIGN.md sections 4-5).
+
+A user turn's content is a template such as `<speech>(with a <emotion> emotional tone).`;
+`expand_placeholders` turns it into token ids with `<speech>` replaced by S copies of the
+speech placeholder id and `<emotion>` by Q copies of the emotion placeholder id, so prompt
+shapes are static and the model splices embeddings by id. Text between placeholders is
+tokenized piece by piece, exactly as a tokenizer that knows the placeholders as special tokens
+would. `ChatFormat` puts the system message and turn markers around that content;
+`PromptBuilder` does both for training batches, `inference.chat` for multi-turn chat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+SPEECH = "<speech>"
+EMOTION = "<emotion>"
+PLACEHOLDERS = (SPEECH, EMOTION)
+
+# ChatML, the layout of Qwen's template, for tokenizers that carry no chat template.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """Text around turns: the first user turn is `prefix + content + suffix`, then the reply;
+    a reply is followed by `turn_end`, and later user turns start with `user_prefix`.
+
+    "plain": `<bos>user: {content}\\nassistant: ` (short prompts for byte-level tiny models;
+    no system message). "qwen" / "chatml": the ChatML frame of Qwen2.5 (and SmolLM2) with the
+    system message of the model config (DESIGN.md section 4).
+    """
+
+    prefix: str
+    suffix: str
+    use_bos: bool
+    user_prefix: str = "user: "
+    turn_end: str = "\n"
+
+    @staticmethod
+    def named(name: str, system_prompt: str) -> "ChatFormat":
+        if name == "plain":
+            return ChatFormat("user: ", "\nassistant: ", True, "user: ", "\n")
+        if name in ("qwen", "chatml"):  # Qwen2.5 and SmolLM2 share the ChatML frame
+            return ChatFormat(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+                              "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", False,
+                              "<|im_start|>user\n", "<|im_end|>\n")
+        raise ValueError(f"data.chat_template={name!r} is unknown; choose 'plain', 'qwen' or "
+                         "'chatml'")
+
+
+def expand_placeholders(template: str, encode: Callable[[str], List[int]], *,
+                        speech_id: int, num_speech: int, emotion_id: int,
+                        num_emotion: int) -> List[int]:
+    """Token ids of `template` with `<speech>` -> `num_speech` x `speech_id` and `<emotion>`
+    -> `num_emotion` x `emotion_id`; the text between them goes through `encode`."""
+    ids: List[int] = []
+    rest = template
+    while rest:
+        cut = [(rest.find(t), t) for t in PLACEHOLDERS if rest.find(t) >= 0]
+        if not cut:
+            ids += encode(rest)
+            break
+        pos, tag = min(cut)
+        ids += encode(rest[:pos])
+        ids += [speech_id] * num_speech if tag == SPEECH else [emotion_id] * num_emotion
+        rest = rest[pos + len(tag):]
+    return ids
+
+
+class PromptBuilder:
+    """Token ids of prompts with expanded placeholders.
+
+    `speech_prompt(template)`: the user content is `template` with `<speech>` replaced by
+    `num_speech` speech placeholder ids and `<emotion>` by `num_emotion` emotion placeholder
+    ids (the model splices its embeddings there). `text_prompt(content)`: the same frame
+    around plain text (teacher passes).
+    """
+
+    def __init__(self, tokenizer, fmt: ChatFormat, num_speech: int, num_emotion: int):
+        self.tok, self.fmt = tokenizer, fmt
+        self.num_speech, self.num_emotion = num_speech, num_emotion
+
+    def _frame(self, content_ids: List[int]) -> List[int]:
+        head = [self.tok.bos_id] if self.fmt.use_bos and self.tok.bos_id is not None else []
+        return head + self.tok.encode(self.fmt.prefix) + content_ids + self.tok.encode(
+            self.fmt.suffix)
+
+    def speech_prompt(self, template: str) -> List[int]:
+        ids = expand_placeholders(template, self.tok.encode,
+                                  speech_id=self.tok.speech_token_id, num_speech=self.num_speech,
+                                  emotion_id=self.tok.emotion_token_id,
+                                  num_emotion=self.num_emotion)
+        if ids.count(self.tok.speech_token_id) != self.num_speech:
+            raise ValueError(f"prompt template {template!r} must hold {SPEECH} exactly once")
+        return self._frame(ids)
+
+    def text_prompt(self, content: str) -> List[int]:
+        return self._frame(self.tok.encode(content))
+
+
+def emotion_statement(emotion: str) -> str:
+    """Stage 2a target: the LLM names the emotion it hears."""
+    return f"The speaker sounds {emotion}."
+
+
+def teacher_content(transcript: str, emotion: Optional[str] = None) -> str:
+    """What the teacher LLM reads instead of speech: the transcript (plus the emotion label
+    in 2b, where the frozen LLM writes the empathetic reply from text + label)."""
+    if emotion is None:
+        return transcript
+    return f"{transcript} (with a {emotion} emotional tone)."
+
+
+def chat_text(tokenizer, config, user_text: Optional[str] = None) -> str:
+    """The prompt text: system prompt + user turn (the config's user template by default),
+    formatted with the tokenizer's chat template (ChatML when it has none)."""
+    messages = [{"role": "system", "content": config.system_prompt},
+                {"role": "user", "content": config.user_template if user_text is None
+                 else user_text}]
+    template = None if getattr(tokenizer, "chat_template", None) else CHATML
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         chat_template=template)
+
+
+__all__: Sequence[str] = (
+    "SPEECH", "EMOTION", "PLACEHOLDERS", "CHATML", "ChatFormat", "expand_placeholders",
+    "PromptBuilder", "emotion_statement", "teacher_content", "chat_text")

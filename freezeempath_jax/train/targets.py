@@ -1,0 +1,134 @@
+"""Training targets: replies the frozen LLM writes itself (self-distillation, cached on disk),
+and synthetic stand-ins for corpora that lack a kind of target.
+
+The synthetic targets (`toy_units`, `toy_attributes`) are fixed functions of the text or the
+label, not measurements of any speech: they exist so the tiny random model and synthetic
+smoke runs can exercise stages 3 and the RE-LLM head; real runs read units and attributes from
+their manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Mapping, Optional
+
+import jax
+
+from freezeempath_jax.inference import sampling
+from freezeempath_jax.models.configs import FreezeEmpathConfig
+from freezeempath_jax.text.padding import left_pad
+from freezeempath_jax.text.prompts import ChatFormat, PromptBuilder, teacher_content
+from freezeempath_jax.train.features import cache_tag
+from freezeempath_jax.train.step import TrainStep
+
+log = logging.getLogger("freezeempath_jax.train")
+
+
+class ReplyDistiller:
+    """Self-distillation: the frozen LLM's own greedy replies become the targets of stages 1,
+    2b and 3, generated once per distinct (transcript, emotion) and kept in
+    `data.cache_dir/replies-<tag>.json`."""
+
+    def __init__(self, cfg, ts: TrainStep, frozen, tokenizer):
+        self.cfg, self.ts, self.frozen, self.tok = cfg, ts, frozen, tokenizer
+        self.model_cfg: FreezeEmpathConfig = ts.model_config
+        self.cache_dir = str(cfg.data.get("cache_dir", "") or "")
+
+    def replies(self, records: List[dict], with_emotion: bool, batch: int = 32):
+        """Self-distillation: the frozen LLM's own greedy reply to the transcript (plus the
+        emotion label when `with_emotion`, stage 2b) for records that have none."""
+        todo = [r for r in records if r.get("reply_ids") is None and not r.get("reply")]
+        if not todo:
+            return
+        store = self._reply_store()
+        keys = [json.dumps([r.get("transcript"), r.get("emotion") if with_emotion else None])
+                for r in todo]
+        first: Dict[str, dict] = {}  # one generation per distinct (transcript, emotion)
+        for r, k in zip(todo, keys):
+            if k not in store:
+                first.setdefault(k, r)
+        if first:
+            self._generate_replies(list(first.values()), with_emotion, batch)
+            store.update({k: r["reply_ids"] for k, r in first.items()})
+            self._save_reply_store(store)
+        for r, k in zip(todo, keys):
+            r["reply_ids"] = list(store[k])
+
+    def _reply_file(self) -> Optional[str]:
+        if not self.cache_dir:
+            return None
+        d = self.cfg.data
+        source = self.cfg.init.llm or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
+        tag = cache_tag(source, d.chat_template, self.model_cfg.system_prompt,
+                              d.target_len, d.teacher_len, d.tokenizer)
+        return os.path.join(self.cache_dir, f"replies-{tag}.json")
+
+    def _reply_store(self) -> Dict[str, list]:
+        path = self._reply_file()
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def _save_reply_store(self, store: Mapping[str, list]):
+        path = self._reply_file()
+        if path and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(store, f)
+            os.replace(path + ".tmp", path)
+
+    def _generate_replies(self, todo: List[dict], with_emotion: bool, batch: int):
+        d = self.cfg.data
+        prompts = PromptBuilder(self.tok, ChatFormat.named(d.chat_template,
+                                                           self.model_cfg.system_prompt), 0, 0)
+        log.info("self-distilling %d replies with the frozen LLM", len(todo))
+        llm = self.frozen["llm"]
+        for i in range(0, len(todo), batch):
+            part = todo[i:i + batch]
+            rows = []
+            for r in part:
+                if not r.get("transcript"):
+                    raise ValueError(f"record {r.get('id', '?')}: self-distillation needs a "
+                                     "transcript")
+                emo = r.get("emotion") if with_emotion else None
+                rows.append(prompts.text_prompt(teacher_content(r["transcript"], emo))
+                            [: int(d.teacher_len)])
+            rows += [rows[-1]] * (batch - len(rows))  # static batch: repeat the last prompt
+            ids, mask = left_pad(rows, self.tok.pad_id)
+            with jax.set_mesh(self.ts.mesh):
+                # An explicit mask: the pad id may equal a real token id (SmolLM2: pad = eos).
+                out = sampling.generate_text(
+                    self.model_cfg.llm, llm, ids, attention_mask=mask,
+                    max_new_tokens=int(d.target_len) - 1,
+                    eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id)
+            for r, toks in zip(part, sampling.strip_after_eos(out, self.tok.eos_id)):
+                r["reply_ids"] = [int(t) for t in toks if t != self.tok.pad_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic targets (tiny random model and synthetic corpora only)
+
+# Prototype (arousal, valence, dominance) per emotion in [-1, 1], for synthetic corpora.
+EMOTION_AVD = {"angry": (0.8, -0.6, 0.6), "surprised": (0.7, 0.2, 0.0),
+               "happy": (0.6, 0.8, 0.4), "sad": (-0.6, -0.7, -0.5), "neutral": (0.0, 0.0, 0.0)}
+
+
+def toy_attributes(records: List[dict], num_attributes: int):
+    """Synthetic arousal / valence / dominance targets where a corpus has none: a fixed
+    prototype point per emotion (RE-LLM option on synthetic data only)."""
+    for r in records:
+        if r.get("attributes") is None and r.get("emotion") in EMOTION_AVD:
+            r["attributes"] = list(EMOTION_AVD[r["emotion"]][:num_attributes])
+
+
+def toy_units(records: List[dict], unit_vocab_size: int, tokenizer):
+    """Synthetic stage-3 targets where no unit extractor ran: two units per reply token
+    (a fixed function of the token), so the speech decoder has a learnable mapping.
+    Only for data.kind synthetic / noise; real runs read units from the manifest."""
+    for r in records:
+        if r.get("units") is None:
+            ids = r.get("reply_ids") or tokenizer.encode(r.get("reply", ""))
+            r["units"] = [(7 * t + k) % unit_vocab_size for t in ids for k in (0, 3)]
