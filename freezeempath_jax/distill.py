@@ -4,8 +4,9 @@ Three modes, one per recipe stage (DESIGN.md section 5):
 - "reply"          stage 1: the LLM's own reply to the *transcript*; the student later sees the
                    speech instead and learns to give the same reply.
 - "emotion_reply"  stage 2 (BLSP-Emo style emotion-aware replies): the transcript plus the
-                   clip's emotion label, written into the user template
-                   ("<transcript>(with a <emotion> emotional tone).").
+                   clip's emotion label, as the trainer's teacher writes it
+                   (`text.PromptRecipe.teacher_emotion`: "<transcript> (with a <emotion>
+                   emotional tone).").
 - "empathetic"     stage 2b: a neutral instruction paired with a random emotion (seeded); the
                    record keeps the drawn emotion so the data side can pair it with a clip of
                    that emotion.
@@ -30,7 +31,7 @@ from freezeempath_jax.checkpoints.formats import CONFIG_FILE
 from freezeempath_jax.inference.sampling import generate_text, strip_after_eos
 from freezeempath_jax.models.configs import EMOTIONS, FreezeEmpathConfig
 from freezeempath_jax.text.padding import left_pad, round_up
-from freezeempath_jax.text.prompts import chat_text
+from freezeempath_jax.text.prompts import PromptRecipe, chat_text
 from freezeempath_jax.text.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ log = logging.getLogger(__name__)
 MODES = ("reply", "emotion_reply", "empathetic")
 
 
-def user_text(record: dict, mode: str, template: str, emotion: Optional[str]) -> str:
-    """The user turn the teacher reads: the transcript, with the emotion when the mode wants it."""
+def user_text(record: dict, mode: str, recipe: Optional[PromptRecipe] = None,
+              emotion: Optional[str] = None) -> str:
+    """The user turn the teacher reads: the transcript, with the emotion when the mode wants
+    it, written by the same `text.PromptRecipe` the trainer's self-distillation uses."""
+    recipe = recipe or PromptRecipe()
     transcript = record["transcript"].strip()
-    if mode == "reply":
-        return transcript
-    return template.replace("<speech>", transcript).replace("<emotion>", emotion)
+    return recipe.teacher_text(transcript, None if mode == "reply" else emotion)
 
 
 def pick_emotion(record: dict, mode: str, index: int, seed: int,
@@ -68,7 +70,8 @@ def _bucket(n: int, step: int = 32) -> int:
 def distill_records(llm_config, llm_params, tokenizer, records: Iterable[dict], *,
                     mode: str = "reply", prompt_config: Optional[FreezeEmpathConfig] = None,
                     max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                    batch_size: int = 8, progress: bool = True) -> Iterator[dict]:
+                    batch_size: int = 8, progress: bool = True,
+                    recipe: Optional[PromptRecipe] = None) -> Iterator[dict]:
     """Yields each usable record with the frozen LLM's reply added, batch by batch.
 
     Batches keep static shapes (the last one is padded with dummy rows, prompt lengths are
@@ -92,7 +95,7 @@ def distill_records(llm_config, llm_params, tokenizer, records: Iterable[dict], 
             skipped += 1
             continue
         emotion = pick_emotion(r, mode, i, seed, emotions)
-        text = chat_text(tokenizer, cfg, user_text(r, mode, cfg.user_template, emotion))
+        text = chat_text(tokenizer, cfg, user_text(r, mode, recipe, emotion))
         usable.append((r, emotion, tokenizer.encode(text, add_special_tokens=False)))
     if skipped:
         log.warning("distill: %d of %d records skipped (no transcript)", skipped, len(records))

@@ -93,13 +93,34 @@ def test_chat_command_writes_one_line_per_item(model, shared_audio_dir, tmp_path
     assert one["prediction_units"] == by_id["a"]["prediction_units"]
 
 
-def test_first_turn_prompt_is_the_training_prompt(model):
-    """The chat frame of a first turn is token for token what the trainer builds."""
-    fmt = ChatFormat.named("plain", CFG.system_prompt)
+def test_chat_prompt_is_the_empathy_prompt_never_the_emotion_question(model):
+    """A first chat turn is token for token the prompt of stage 2b's chat rows; stage 2a (and
+    2a rows mixed into 2b) ask about the emotion under a different prompt, so the chat prompt
+    never carries the 2a target "The speaker sounds ..."."""
+    from freezeempath_jax.train.batches import BatchBuilder
+
     tok = ByteTokenizer(CFG.llm.vocab_size, CFG.speech_token_id, CFG.emotion_token_id)
-    want = PromptBuilder(tok, fmt, 30, CFG.emotion.num_queries).speech_prompt(
-        CFG.user_template)
-    assert model.prompt_ids([], 30, CFG.emotion.num_queries) == want
+    q = CFG.emotion.num_queries
+    chat_ids = model.prompt_ids([], 30, q)
+    b2b = BatchBuilder(CFG, "2b", "emotion_ce", tok, 30, chat_template="plain", target_len=32)
+    assert b2b.prompt.tolist() == chat_ids
+    assert b2b.prompt_for({"task": "2b"}).tolist() == chat_ids
+    question = b2b.prompt_for({"task": "2a"}).tolist()
+    assert question != chat_ids
+    assert question == BatchBuilder(CFG, "2a", "emotion_ce", tok, 30,
+                                    chat_template="plain").prompt.tolist()
+    fmt = ChatFormat.named("plain", CFG.system_prompt)
+    want = PromptBuilder(tok, fmt, 30, q).speech_prompt(CFG.user_template)
+    assert chat_ids == want
+    # one 2b batch holds both kinds of rows, each with its reply right after its own prompt
+    rec = {"id": "r", "emotion": "sad", "label": 3, "reply": "ok", "mel": np.zeros((80, 8))}
+    batch = b2b([dict(rec, task="2a"), dict(rec, task="2b")])
+    for row, prompt in ((0, question), (1, chat_ids)):
+        p = len(prompt)
+        assert batch["input_ids"][row, :p].tolist() == prompt
+        assert batch["loss_positions"][row, 0] == p - 1
+    assert tok.decode(batch["input_ids"][0, len(question):]).startswith("The speaker sounds")
+    assert tok.decode(batch["input_ids"][1, len(chat_ids):]).startswith("ok")
 
 
 def _turn(model, reply, with_embeds=True, transcript=None):

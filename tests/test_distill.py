@@ -70,11 +70,14 @@ def test_emotion_modes(tiny_llm):
                                      mode="emotion_reply", progress=False))
 
 
-def test_user_text_uses_the_template():
-    t = FreezeEmpathConfig().user_template
-    assert distill.user_text({"transcript": "I failed "}, "emotion_reply", t, "sad") == \
-        "I failed(with a sad emotional tone)."
-    assert distill.user_text({"transcript": " hi "}, "reply", t, None) == "hi"
+def test_user_text_is_the_trainers_teacher_text():
+    from freezeempath_jax.text import PromptRecipe
+    from freezeempath_jax.text.prompts import teacher_content
+    assert distill.user_text({"transcript": "I failed "}, "emotion_reply", None, "sad") == \
+        "I failed (with a sad emotional tone)." == teacher_content("I failed", "sad")
+    assert distill.user_text({"transcript": " hi "}, "reply", None, "sad") == "hi"
+    mine = PromptRecipe(teacher_emotion="{emotion}: {transcript}")
+    assert distill.user_text({"transcript": "hi"}, "empathetic", mine, "sad") == "sad: hi"
 
 
 def test_read_jsonl_names_bad_line(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
 from freezeempath_jax.checkpoints.sources import TensorSource
+from freezeempath_jax.tree import unflatten  # noqa: F401  (loaders import it from here)
 
 FLOAT_KINDS = ("float16", "float32", "float64", "bfloat16")
 
@@ -119,18 +120,6 @@ def flatten(tree, prefix: str = "", is_leaf=None) -> Dict[str, Any]:
         return out
     out[prefix[:-1]] = tree
     return out
-
-
-def unflatten(flat: Dict[str, Any]) -> dict:
-    """{"a/b/c": leaf} -> nested dict."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
 
 
 def check(source: TensorSource, rules: Sequence[Rule], *, scope: Callable[[str], bool] = None,

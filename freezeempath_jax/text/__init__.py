@@ -3,7 +3,7 @@ padding to static shapes. Training, chat, distillation and evaluation all build 
 
 from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import (CHATML, EMOTION, PLACEHOLDERS, SPEECH, ChatFormat,
-                                           PromptBuilder, chat_text, emotion_statement,
+                                           PromptBuilder, PromptRecipe, chat_text, emotion_statement,
                                            expand_placeholders, teacher_content)
 from freezeempath_jax.text.tokenizers import (ByteTokenizer, Codec, HFTokenizer,
                                               add_placeholders, has_tokenizer, load_tokenizer,
@@ -12,7 +12,7 @@ from freezeempath_jax.text.tokenizers import (ByteTokenizer, Codec, HFTokenizer,
 
 __all__ = [
     "left_pad", "round_up", "CHATML", "EMOTION", "PLACEHOLDERS", "SPEECH", "ChatFormat",
-    "PromptBuilder", "chat_text", "emotion_statement", "expand_placeholders", "teacher_content",
+    "PromptBuilder", "PromptRecipe", "chat_text", "emotion_statement", "expand_placeholders", "teacher_content",
     "ByteTokenizer", "Codec", "HFTokenizer", "add_placeholders", "has_tokenizer",
     "load_tokenizer", "make_tokenizer", "placeholder_ids", "tokenizer_from_gguf",
 ]

@@ -102,17 +102,54 @@ class PromptBuilder:
         return self._frame(self.tok.encode(content))
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptRecipe:
+    """The user-turn text of every stage, in one place (DESIGN.md sections 4-5); training
+    (`data.*_template` config values), chat, `distill` and evaluation all read it here.
+
+    stage1: stage 1's user turn (speech only: the emotion part comes with stage 2).
+    emotion_question: stage 2a's own user turn, asking *about* the emotion; 2a rows mixed into
+        2b keep it, so the chat prompt never sees the target "The speaker sounds ...".
+    teacher / teacher_emotion: what the frozen teacher LLM reads instead of speech, without
+        and with the emotion label (`{transcript}`, `{emotion}` are filled in).
+    The chat turn itself is the model config's `user_template` (what a checkpoint was
+    trained with).
+    """
+
+    stage1: str = SPEECH
+    emotion_question: str = f"{SPEECH}{EMOTION} What emotion does the speaker's voice convey?"
+    teacher: str = "{transcript}"
+    teacher_emotion: str = "{transcript} (with a {emotion} emotional tone)."
+
+    def teacher_text(self, transcript: str, emotion: Optional[str] = None) -> str:
+        """The teacher's user turn for `transcript` (with `emotion` when given)."""
+        if emotion is None:
+            return self.teacher.format(transcript=transcript)
+        return self.teacher_emotion.format(transcript=transcript, emotion=emotion)
+
+    @staticmethod
+    def from_config(data) -> "PromptRecipe":
+        """From a training config's `data` section (ConfigDict or dict); unset keys keep the
+        defaults."""
+        get = data.get if hasattr(data, "get") else (lambda k, d=None: getattr(data, k, d))
+        base = PromptRecipe()
+        return PromptRecipe(
+            stage1=get("stage1_template", None) or base.stage1,
+            emotion_question=get("emotion_template", None) or base.emotion_question,
+            teacher=get("teacher_template", None) or base.teacher,
+            teacher_emotion=get("teacher_emotion_template", None) or base.teacher_emotion)
+
+
 def emotion_statement(emotion: str) -> str:
     """Stage 2a target: the LLM names the emotion it hears."""
     return f"The speaker sounds {emotion}."
 
 
 def teacher_content(transcript: str, emotion: Optional[str] = None) -> str:
-    """What the teacher LLM reads instead of speech: the transcript (plus the emotion label
-    in 2b, where the frozen LLM writes the empathetic reply from text + label)."""
-    if emotion is None:
-        return transcript
-    return f"{transcript} (with a {emotion} emotional tone)."
+    """What the teacher LLM reads instead of speech with the default recipe: the transcript
+    (plus the emotion label in 2b, where the frozen LLM writes the empathetic reply from text
+    + label)."""
+    return PromptRecipe().teacher_text(transcript, emotion)
 
 
 def chat_text(tokenizer, config, user_text: Optional[str] = None) -> str:
@@ -128,4 +165,4 @@ def chat_text(tokenizer, config, user_text: Optional[str] = None) -> str:
 
 __all__: Sequence[str] = (
     "SPEECH", "EMOTION", "PLACEHOLDERS", "CHATML", "ChatFormat", "expand_placeholders",
-    "PromptBuilder", "emotion_statement", "teacher_content", "chat_text")
+    "PromptBuilder", "PromptRecipe", "emotion_statement", "teacher_content", "chat_text")

@@ -31,7 +31,8 @@ import numpy as np
 from freezeempath_jax.models import streaming
 from freezeempath_jax.models.configs import FreezeEmpathConfig
 from freezeempath_jax.text.padding import round_up as _round_up
-from freezeempath_jax.text.prompts import SPEECH, ChatFormat, PromptBuilder, emotion_statement
+from freezeempath_jax.text.prompts import (SPEECH, ChatFormat, PromptBuilder, PromptRecipe,
+                                           emotion_statement)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,19 +57,29 @@ class BatchBuilder:
     names).
     num_speech: speech placeholders per prompt (frames // k of the encoder outputs used).
     target_len: reply tokens kept (EOS included); teacher_len: teacher prompt tokens.
+    recipe: the user-turn texts (`text.PromptRecipe`): stage 1 reads `recipe.stage1`, stage 2a
+    its own `recipe.emotion_question`, 2b and 3 the chat turn (`model.user_template`); in 2b
+    the mixed-in 2a rows (`task: "2a"`) keep the 2a question, so rows of one batch may carry
+    prompts of different lengths (the sequence length fits the longest).
     """
 
     def __init__(self, model: FreezeEmpathConfig, stage: str, objective: str, tokenizer,
                  num_speech: int, *, chat_template: str = "plain", target_len: int = 16,
-                 teacher_len: int = 96, units_len: int = 64, stage1_template: str = SPEECH):
+                 teacher_len: int = 96, units_len: int = 64, stage1_template: str = SPEECH,
+                 recipe: Optional[PromptRecipe] = None):
         self.model, self.stage, self.objective = model, stage, objective
         self.tok = tokenizer
         self.target_len, self.teacher_len, self.units_len = target_len, teacher_len, units_len
         fmt = ChatFormat.named(chat_template, model.system_prompt)
         self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_queries)
-        template = stage1_template if stage == "1" else model.user_template
-        self.prompt = np.asarray(self.prompts.speech_prompt(template), np.int32)
-        self.seq_len = _round_up(len(self.prompt) + target_len, 8)
+        self.recipe = recipe or PromptRecipe(stage1=stage1_template)
+        templates = {"1": self.recipe.stage1, "2a": self.recipe.emotion_question}
+        self.prompt = self._speech_prompt(templates.get(stage, model.user_template))
+        # 2b mixes in 2a rows, which keep 2a's question
+        self.task_prompts = ({"2a": self._speech_prompt(self.recipe.emotion_question)}
+                             if stage == "2b" else {})
+        longest = max([len(self.prompt)] + [len(p) for p in self.task_prompts.values()])
+        self.seq_len = _round_up(longest + target_len, 8)
         # {feature: shape} of one row, for batches in which no record is usable (streamed
         # batches whose clips all failed to decode); None: taken from the first record.
         self.audio_shapes: Optional[Dict[str, tuple]] = None
@@ -76,7 +87,16 @@ class BatchBuilder:
             raise ValueError(f"stage {stage} trains the speech decoder but the model config "
                              "has none")
 
+    def _speech_prompt(self, template: str) -> np.ndarray:
+        return np.asarray(self.prompts.speech_prompt(template), np.int32)
+
     # -- per-record pieces
+
+    def prompt_for(self, rec: Optional[Mapping]) -> np.ndarray:
+        """The prompt ids of a record's row (padding rows take the stage's prompt)."""
+        if rec is not None and rec.get("task") in self.task_prompts:
+            return self.task_prompts[rec["task"]]
+        return self.prompt
 
     def reply_ids(self, rec: Mapping) -> List[int]:
         """Target token ids of a record for this stage (EOS appended, cut to target_len)."""
@@ -99,22 +119,23 @@ class BatchBuilder:
     def __call__(self, records: Sequence[Optional[Mapping]]) -> Dict[str, np.ndarray]:
         """Batch dict for `records` (None entries become all-padding rows)."""
         b, t = len(records), self.seq_len
-        p = len(self.prompt)
         pad = self.tok.pad_id
         input_ids = np.full((b, t), pad, np.int32)
         attention = np.zeros((b, t), np.int32)
         target_mask = np.zeros((b, t), np.float32)
         out: Dict[str, np.ndarray] = {}
         replies: List[List[int]] = []
+        prompt_lens = np.zeros((b,), np.int32)
         for i, rec in enumerate(records):
+            prompt = self.prompt_for(rec)
+            p = prompt_lens[i] = len(prompt)
+            input_ids[i, :p] = prompt  # padding rows keep a valid prompt
             if rec is None:
                 replies.append([])
-                input_ids[i, :p] = self.prompt  # padding rows keep a valid prompt
                 attention[i, :p] = 1
                 continue
             r = self.reply_ids(rec)
             replies.append(r)
-            input_ids[i, :p] = self.prompt
             input_ids[i, p:p + len(r)] = r
             attention[i, :p + len(r)] = 1
             target_mask[i, p:p + len(r)] = 1
@@ -122,7 +143,8 @@ class BatchBuilder:
         loss_mask = np.concatenate([target_mask[:, 1:], np.zeros((b, 1), np.float32)], axis=1)
         # positions p-1 .. p+target_len-2 predict the reply: the only ones with loss
         out.update(input_ids=input_ids, attention_mask=attention, targets=targets,
-                   loss_mask=loss_mask, loss_positions=reply_positions(b, p, self.target_len, t))
+                   loss_mask=loss_mask,
+                   loss_positions=reply_positions(b, prompt_lens, self.target_len, t))
         out.update(self._audio(records))
         if self.objective == "distill_kl":
             out.update(self._teacher(records, replies))
@@ -186,7 +208,8 @@ class BatchBuilder:
             if rec.get("transcript") is None:
                 raise ValueError(f"record {rec.get('id', '?')}: the KL teacher needs a "
                                  "transcript")
-            prompt = self.prompts.text_prompt(rec["transcript"])[: self.teacher_len]
+            prompt = self.prompts.text_prompt(self.recipe.teacher_text(rec["transcript"])
+                                              )[: self.teacher_len]
             row = prompt + r
             ids[i, :len(row)] = row
             att[i, :len(row)] = 1

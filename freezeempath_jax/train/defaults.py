@@ -150,7 +150,12 @@ def data_section() -> ml_collections.ConfigDict:
     d.cache_dir = ""
     d.target_len = 16  # reply tokens (+ EOS), right-padded / cut
     d.teacher_len = 96  # stage 1 KL: teacher prompt tokens (transcript in the chat frame)
+    # User-turn texts per stage (text.PromptRecipe; the chat turn is model.user_template):
     d.stage1_template = "<speech>"  # stage 1 user turn (the emotion part comes with stage 2)
+    # stage 2a asks *about* the emotion (its 2b-mixed rows too); never the chat prompt
+    d.emotion_template = "<speech><emotion> What emotion does the speaker's voice convey?"
+    d.teacher_template = "{transcript}"  # what the teacher LLM reads instead of speech
+    d.teacher_emotion_template = "{transcript} (with a {emotion} emotional tone)."  # 2b teacher
     d.units_len = 64  # stage 3: unit tokens per example
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)

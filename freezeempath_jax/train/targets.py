@@ -19,7 +19,7 @@ import jax
 from freezeempath_jax.inference import sampling
 from freezeempath_jax.models.configs import FreezeEmpathConfig
 from freezeempath_jax.text.padding import left_pad
-from freezeempath_jax.text.prompts import ChatFormat, PromptBuilder, teacher_content
+from freezeempath_jax.text.prompts import ChatFormat, PromptBuilder, PromptRecipe
 from freezeempath_jax.train.features import cache_tag
 from freezeempath_jax.train.step import TrainStep
 
@@ -35,6 +35,7 @@ class ReplyDistiller:
         self.cfg, self.ts, self.frozen, self.tok = cfg, ts, frozen, tokenizer
         self.model_cfg: FreezeEmpathConfig = ts.model_config
         self.cache_dir = str(cfg.data.get("cache_dir", "") or "")
+        self.recipe = PromptRecipe.from_config(cfg.data)
 
     def replies(self, records: List[dict], with_emotion: bool, batch: int = 32):
         """Self-distillation: the frozen LLM's own greedy reply to the transcript (plus the
@@ -62,7 +63,8 @@ class ReplyDistiller:
         d = self.cfg.data
         source = self.cfg.init.llm or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
         tag = cache_tag(source, d.chat_template, self.model_cfg.system_prompt,
-                              d.target_len, d.teacher_len, d.tokenizer)
+                              d.target_len, d.teacher_len, d.tokenizer,
+                        self.recipe.teacher, self.recipe.teacher_emotion)
         return os.path.join(self.cache_dir, f"replies-{tag}.json")
 
     def _reply_store(self) -> Dict[str, list]:
@@ -94,7 +96,7 @@ class ReplyDistiller:
                     raise ValueError(f"record {r.get('id', '?')}: self-distillation needs a "
                                      "transcript")
                 emo = r.get("emotion") if with_emotion else None
-                rows.append(prompts.text_prompt(teacher_content(r["transcript"], emo))
+                rows.append(prompts.text_prompt(self.recipe.teacher_text(r["transcript"], emo))
                             [: int(d.teacher_len)])
             rows += [rows[-1]] * (batch - len(rows))  # static batch: repeat the last prompt
             ids, mask = left_pad(rows, self.tok.pad_id)

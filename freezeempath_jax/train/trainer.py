@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from freezeempath_jax import sharding
 from freezeempath_jax.checkpoints.workdir import load_init_parts
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict
+from freezeempath_jax.text.prompts import PromptRecipe
 from freezeempath_jax.text.tokenizers import make_tokenizer
 from freezeempath_jax.train import batches as B_
 from freezeempath_jax.train import checkpointing, defaults, flops
@@ -211,7 +212,7 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         model_cfg, cfg.stage, ts.train_config.resolved_objective, tok,
         num_speech_tokens(model_cfg, frames), chat_template=cfg.data.chat_template,
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
-        units_len=int(cfg.data.units_len), stage1_template=cfg.data.stage1_template)
+        units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data))
     builder.encoder_frames = frames
     if stream:
         builder.audio_shapes = {"mel": (model_cfg.whisper.n_mels,
