@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -213,6 +214,24 @@ def side_by_side(chat_model, emotions, text: str = SIDE_BY_SIDE, voice: str = "e
             for e, r in zip(emotions, replies)]
 
 
+# A reply that describes the speaker in the third person (the stage 2a task) instead of
+# answering: "The speaker sounds sad.", "The speaker is not happy.", "sounds angry".
+_SPEAKER = re.compile(r"\b(the|this) (speaker|person|user)\b|\bspeaker\b|\b(he|she|they) "
+                      r"sounds?\b", re.IGNORECASE)
+
+
+def describes_speaker(reply: str) -> bool:
+    """Whether a reply describes the speaker in the third person rather than answering."""
+    return bool(_SPEAKER.search(reply or ""))
+
+
+def _chat_replies(path: Path) -> List[str]:
+    if not path.exists():
+        return []
+    return [row["prediction"] for row in map(json.loads, path.read_text().splitlines())
+            if "prediction" in row]
+
+
 def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
     import matplotlib
     matplotlib.use("Agg")
@@ -295,12 +314,17 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
         failures += run_chat(bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
                                   max_new_tokens=32, batch_size=5)
 
+    replies = [p["reply"] for p in pairs] + [
+        r for name in ("held_out_answers", "shared_audio_answers")
+        for r in _chat_replies(chat_dir / f"{name}.jsonl")]
     metrics = {
         "ser_accuracy_held_out": ser["ser_accuracy"], "confusion": ser["confusion"],
         "num_held_out": ser["num_clips"], "emotions": emotions,
         "stages": {k: {m: v for m, v in s.items() if isinstance(v, (int, float))}
                    for k, s in stages.items()},
         "distinct_side_by_side_replies": len({p["reply"] for p in pairs}),
+        "num_replies": len(replies),
+        "speaker_descriptions": sum(describes_speaker(r) for r in replies),
         "chat_failures": failures, "train_seconds": round(t_train, 1),
         "total_seconds": round(time.perf_counter() - tic, 1), "quick": quick,
     }

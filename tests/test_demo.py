@@ -38,6 +38,9 @@ def test_reduced_demo_learns_emotions(demo_run):
     assert metrics["ser_accuracy_held_out"] >= 0.80, metrics["confusion"]
     # the same sentence in five emotions gets more than one reply
     assert metrics["distinct_side_by_side_replies"] >= 2
+    # chat answers; it does not describe the speaker (the 2a task has its own prompt)
+    assert metrics["num_replies"] >= 10
+    assert metrics["speaker_descriptions"] * 10 <= metrics["num_replies"], metrics
     assert metrics["chat_failures"] == 0
     report = os.path.join(workdir, "report")
     for name in ("metrics.json", "confusion.png", "curves.png", "replies.md"):
