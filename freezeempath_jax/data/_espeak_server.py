@@ -95,7 +95,8 @@ def main() -> None:
     ]
     if not hasattr(lib, "espeak_ng_SetRandSeed"):
         # Without it the breath noise is seeded from the clock and clips are not reproducible.
-        message = f"{lib_path} lacks espeak_ng_SetRandSeed (eSpeak NG 1.52 from espeakng-loader has it)"
+        message = (f"{lib_path} lacks espeak_ng_SetRandSeed "
+                   "(eSpeak NG 1.52 from espeakng-loader has it)")
         _respond(1, message.encode())
         return
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
