@@ -8,7 +8,6 @@ crash or a hang inside libsndfile is caught and reported instead of taking pytes
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import struct
 import subprocess
@@ -22,7 +21,8 @@ import soundfile as sf
 
 from freezeempath_jax import audio
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = REPO.parent / "shared" / "audio"
 
 
 def _float_wav(path: Path, samples, rate: int = 22050) -> Path:
@@ -169,8 +169,9 @@ class _Worker:
         self.proc = None
 
     def _start(self):
+        # Run from the repository root: `python -c` imports the package found there first.
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
+            [sys.executable, "-c", _WORKER], cwd=REPO,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(self.log, "ab"), text=True, bufsize=1,
         )

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,8 @@ print(json.dumps(hashes))
 
 def _build(out) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", _BUILD, str(out)],
+        # Run from the repository root: `python -c` imports the package found there first.
+        [sys.executable, "-c", _BUILD, str(out)], cwd=Path(__file__).resolve().parents[1],
         capture_output=True, text=True, timeout=120, check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
