@@ -190,7 +190,7 @@ def config_from_shapes(src: TensorSource, conv1: str, pos: str, fc1: str, layer_
     if (isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1
             or d % heads):
         raise CheckpointError(src.origin, [Problem(
-            "config", key="num_heads", file=src.origin, actual=repr(num_heads),
+            "config", key="num_heads", file=src.origin, actual=repr(heads),
             expected=f"a positive divisor of the encoder width {d}")])
     return WhisperConfig(n_mels=n_mels, d_model=d, num_layers=len(layers),
                          num_heads=int(heads), mlp_dim=src.shape(fc1)[0],

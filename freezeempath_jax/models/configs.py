@@ -51,13 +51,11 @@ def size_problem(name: str, value: Any) -> Optional[str]:
     Integral floats (4096.0) pass, as some exporters write them; bools and strings do not.
     """
     lo, hi = SIZE_LIMITS[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"an integer in {lo}..{hi}"
-    if isinstance(value, float) and not value.is_integer():
-        return f"an integer in {lo}..{hi}"
-    if not lo <= value <= hi:
-        return f"an integer in {lo}..{hi}"
-    return None
+    integral = not isinstance(value, bool) and (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+    if integral and lo <= value <= hi:
+        return None
+    return f"an integer in {lo}..{hi}"
 
 
 @dataclasses.dataclass(frozen=True)
