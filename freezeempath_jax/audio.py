@@ -13,7 +13,11 @@ command before anything reaches an accelerator.
   `max - 8`, `(x + 4) / 4`, and the last frame dropped: 3000 frames for 30 s.
 
 Bad input raises `AudioError` (a `ValueError`) that names the file or the array's shape and
-what is wrong with it.
+what is wrong with it. That includes input that would decode but not make sense: a header's
+sampling rate outside `MIN_SAMPLE_RATE`..`MAX_SAMPLE_RATE` or a duration above `max_seconds`
+(checked before decoding, so a corrupt header cannot make us allocate gigabytes), and samples
+beyond `MAX_ABS_SAMPLE` (a flipped exponent bit in a float WAV), which would otherwise
+overflow the float32 power spectrum into an all-NaN mel.
 """
 
 from __future__ import annotations
@@ -31,10 +35,29 @@ HOP_LENGTH = 160
 MEL_FMAX = 8000.0
 CHUNK_SECONDS = 30.0
 
+# Float audio is at most 1.0 at full scale; real files stay within a few times that (careless
+# gain). 1000 (+60 dB) leaves generous headroom yet keeps every later step far from float32
+# overflow (a 400-sample frame's power is at most (200 * 1000)^2 per bin), while a flipped
+# exponent bit (a sample of -8.7e37) lands far above it. Float files written at integer scale
+# (+-32768) are rejected too; the message says why, so they can be rescaled.
+MAX_ABS_SAMPLE = 1000.0
+# Sampling rates real recordings use lie in 8-384 kHz; 1 kHz leaves room for odd sensor data.
+# A header outside this range is corrupt, and a tiny rate would make resampling to 16 kHz
+# blow a few kilobytes up into gigabytes.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 384000
+# Default bound on a decoded file's duration: an hour is far beyond any utterance the models
+# take (30 s windows) and still only 230 MB of float32 at 16 kHz.
+MAX_SECONDS = 3600.0
+
 __all__ = [
     "AudioError",
     "CHUNK_SECONDS",
     "HOP_LENGTH",
+    "MAX_ABS_SAMPLE",
+    "MAX_SAMPLE_RATE",
+    "MAX_SECONDS",
+    "MIN_SAMPLE_RATE",
     "N_FFT",
     "SAMPLING_RATE",
     "duration_seconds",
@@ -47,7 +70,7 @@ __all__ = [
 
 
 class AudioError(ValueError):
-    """Audio that cannot be used: missing, unreadable, empty, or holding NaN/inf samples."""
+    """Audio that cannot be used: missing, unreadable, empty, absurd, or holding NaN/inf."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,16 +95,40 @@ def duration_seconds(path: str | os.PathLike) -> float:
     Pipelines use it to skip files that are too long before paying for decoding.
     """
     name = _check_readable_path(path)
-    try:
-        info = sf.info(name)
-    except (sf.SoundFileError, RuntimeError, OSError) as e:
-        raise AudioError(f"audio file {name!r} could not be read: {e}") from e
-    if info.samplerate <= 0:
-        raise AudioError(f"audio file {name!r} reports sampling rate {info.samplerate}")
+    info = _checked_info(name)
     return info.frames / info.samplerate
 
 
-def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+def _checked_info(name: str, failure: str = "could not be read"):
+    """The header of `name` (soundfile's `_SoundFileInfo`), with a plausible sampling rate."""
+    try:
+        info = sf.info(name)
+    except (sf.SoundFileError, RuntimeError, OSError, TypeError) as e:
+        raise AudioError(f"audio file {name!r} {failure}: {e}") from e
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"audio file {name!r} reports sampling rate {info.samplerate} Hz, outside "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz; its header is probably corrupt"
+        )
+    return info
+
+
+def _check_magnitude(samples: np.ndarray, what: str) -> None:
+    # Called after the finiteness check, so the peak is a finite number.
+    peak = float(np.abs(samples).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(
+            f"{what} has samples up to {peak:.3g} in magnitude, beyond {MAX_ABS_SAMPLE:g} "
+            f"(full scale is 1.0): corrupt data, or float samples at integer scale"
+        )
+
+
+def load_audio(
+    path: str | os.PathLike,
+    sampling_rate: int = SAMPLING_RATE,
+    *,
+    max_seconds: float | None = MAX_SECONDS,
+) -> np.ndarray:
     """Decode an audio file to float32 mono samples at `sampling_rate`.
 
     Args:
@@ -89,16 +136,27 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         FLAC, OGG, MP3 with libsndfile >= 1.1, ...), at any sampling rate and channel count.
       sampling_rate: target rate in Hz. Channels are averaged to mono, then the signal is
         resampled with soxr at high quality (`librosa.resample(res_type="soxr_hq")`).
+      max_seconds: longest duration accepted, read from the header before decoding (None:
+        no bound).
 
     Returns:
-      float32 array `[samples]`, `samples == ceil(n_source * sampling_rate / source_rate)`.
+      float32 array `[samples]`, `samples == ceil(n_source * sampling_rate / source_rate)`,
+      every sample finite.
 
     Raises:
-      AudioError: the file is missing or unreadable, holds no samples, or holds NaN/inf.
+      AudioError: the file is missing or unreadable, holds no samples, holds NaN/inf or
+        samples beyond `MAX_ABS_SAMPLE`, its header's sampling rate is outside
+        `MIN_SAMPLE_RATE`..`MAX_SAMPLE_RATE`, or it lasts more than `max_seconds`.
     """
     if int(sampling_rate) != sampling_rate or sampling_rate <= 0:
         raise AudioError(f"sampling_rate must be a positive integer, got {sampling_rate!r}")
     name = _check_readable_path(path)
+    info = _checked_info(name, "could not be decoded")
+    if max_seconds is not None and info.frames > max_seconds * info.samplerate:
+        raise AudioError(
+            f"audio file {name!r} lasts {info.frames / info.samplerate:.1f} s ({info.frames} "
+            f"frames at {info.samplerate} Hz), more than max_seconds={max_seconds:g}"
+        )
     try:
         # always_2d gives [frames, channels] for mono and multichannel alike.
         data, source_rate = sf.read(name, dtype="float32", always_2d=True)
@@ -109,6 +167,8 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
     if not np.isfinite(data).all():
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise AudioError(f"audio file {name!r} contains {bad} NaN or infinite samples")
+    # Before mixing and resampling: both overflow float32 on huge finite values.
+    _check_magnitude(data, f"audio file {name!r}")
 
     audio = data.mean(axis=1, dtype=np.float32)
     if source_rate != sampling_rate:
@@ -121,6 +181,9 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         # librosa sizes its output with a float ratio, which can add one zero sample
         # (22050 samples at 22.05 kHz -> 24001 at 24 kHz); the exact length is integer math.
         audio = pad_or_trim(audio, -(-data.shape[0] * int(sampling_rate) // source_rate))
+    if not np.isfinite(audio).all():
+        # Unreachable for bounded input; kept so no caller ever sees a non-finite sample.
+        raise AudioError(f"audio file {name!r} resampled to non-finite samples")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
@@ -220,7 +283,11 @@ def _as_checked_mono(audio, what: str) -> np.ndarray:
     if audio.size == 0:
         raise AudioError(f"{what}: audio is empty")
     if not np.isfinite(audio).all():
-        raise AudioError(f"{what}: audio contains NaN or infinite samples")
+        bad = int(audio.size - np.count_nonzero(np.isfinite(audio)))
+        raise AudioError(
+            f"{what}: audio contains NaN or infinite samples ({bad} of shape {audio.shape})"
+        )
+    _check_magnitude(audio, f"{what}: audio of shape {audio.shape}")
     return audio.astype(np.float32, copy=False)
 
 
@@ -288,7 +355,8 @@ def log_mel_spectrogram(
         frequency axis (n_fft and hop stay 400 and 160, as in WhisperFeatureExtractor).
 
     Raises:
-      AudioError: empty input, NaN/inf samples, not 1-D, or fewer than 160 samples left.
+      AudioError: empty input, NaN/inf samples or samples beyond `MAX_ABS_SAMPLE`, not 1-D,
+        or fewer than 160 samples left.
     """
     audio = _as_checked_mono(audio, "log_mel_spectrogram")
     length = _target_length(pad_or_trim_seconds, sampling_rate)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from freezeempath_jax.checkpoints.assemble import Rule, assemble, linear, unflatten
-from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
+from freezeempath_jax.checkpoints.errors import CheckpointError, Problem, config_size
 from freezeempath_jax.checkpoints.gguf_io import (SUPPORTED_ARCHS, GGUFSource, llama3_factor,
                                                   unpermute_qk)
 from freezeempath_jax.checkpoints.model_tree import (causal_lm_init, dtype_name, make_placer,
@@ -26,8 +26,10 @@ ROPE_TYPES = (None, "default", "linear", "llama3")
 def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> LMConfig:
     """LMConfig from a Hugging Face Qwen2 / Llama config dict (transformers 4.x or 5.x keys).
 
-    Raises a CheckpointError for another architecture or an unsupported feature (RoPE
-    scaling other than linear / llama3, MLP biases, sliding-window attention).
+    Raises a CheckpointError for another architecture, an unsupported feature (RoPE
+    scaling other than linear / llama3, MLP biases, sliding-window attention), or a size
+    field that is missing, not an integer or out of `SIZE_LIMITS` (checked before anything
+    is built from it).
     """
     problems = []
     mt = cfg.get("model_type")
@@ -35,7 +37,8 @@ def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> LMConfig:
         problems.append(Problem("architecture", key="model_type", file=origin,
                                 expected=" or ".join(HF_ARCHS), actual=mt))
         raise CheckpointError(origin, problems)
-    h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    sizes = _hf_sizes(cfg, origin, problems)
+    h, n = sizes["hidden_size"], sizes["num_heads"]
     rp = dict(cfg.get("rope_parameters") or {})  # transformers 5 folds theta + scaling here
     scaling = dict(cfg.get("rope_scaling") or rp)
     rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -53,11 +56,11 @@ def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> LMConfig:
         raise CheckpointError(origin, problems)
     scaled = rope_type in ("linear", "llama3")
     return LMConfig(
-        vocab_size=int(cfg["vocab_size"]), hidden_size=h,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]), num_heads=n,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or n),
-        head_dim=int(cfg.get("head_dim") or h // n),
+        vocab_size=sizes["vocab_size"], hidden_size=h,
+        intermediate_size=sizes["intermediate_size"],
+        num_layers=sizes["num_layers"], num_heads=n,
+        num_kv_heads=sizes["num_kv_heads"],
+        head_dim=sizes["head_dim"],
         rope_theta=float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         rope_scaling_type=rope_type if scaled else None,
         rope_scaling_factor=float(scaling.get("factor", 1.0)) if scaled else 1.0,
@@ -67,8 +70,34 @@ def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> LMConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        max_position_embeddings=sizes["max_position_embeddings"],
         param_dtype=dtype_name(dtype))
+
+
+def _hf_sizes(cfg: dict, origin: str, problems: List[Problem]) -> dict:
+    """The size fields of a Hugging Face LM config; each bad one is added to `problems`."""
+    sizes = {ours: config_size(cfg, theirs, ours, origin, problems)
+             for ours, theirs in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                                  ("intermediate_size", "intermediate_size"),
+                                  ("num_layers", "num_hidden_layers"),
+                                  ("num_heads", "num_attention_heads"))}
+    sizes["max_position_embeddings"] = config_size(cfg, "max_position_embeddings",
+                                                   "max_position_embeddings", origin, problems,
+                                                   default=32768)
+    h, n = sizes["hidden_size"], sizes["num_heads"]
+    # Falsy values fall back to the defaults, as they always have here.
+    kv = (config_size(cfg, "num_key_value_heads", "num_kv_heads", origin, problems)
+          if cfg.get("num_key_value_heads") else n)
+    head_dim = (config_size(cfg, "head_dim", "head_dim", origin, problems)
+                if cfg.get("head_dim") else (h // n if h and n else None))
+    if n and kv and n % kv:
+        problems.append(Problem("config", key="num_key_value_heads", file=origin,
+                                expected=f"a divisor of num_attention_heads ({n})",
+                                actual=kv))
+    if head_dim == 0:
+        problems.append(Problem("config", key="hidden_size", file=origin,
+                                expected=f"at least num_attention_heads ({n})", actual=h))
+    return dict(sizes, num_kv_heads=kv, head_dim=head_dim)
 
 
 def hf_rules(c: LMConfig, base: str = "model.", head: str = "lm_head.weight") -> List[Rule]:
@@ -127,8 +156,28 @@ def gguf_config(src: GGUFSource, dtype) -> Tuple[LMConfig, List[str]]:
     if missing:
         raise CheckpointError(src.origin, missing)
     f = lambda k, default=None: src.field(f"{arch}.{k}", default)  # noqa: E731
-    h, n = int(f("embedding_length")), int(f("attention.head_count"))
+    # Sizes are checked before anything is built from them (a head count of 0 or a block
+    # count of millions is a corrupt file, not a model to allocate).
+    sizes = {}
+    for ours, theirs in (("hidden_size", "embedding_length"),
+                         ("num_heads", "attention.head_count"),
+                         ("intermediate_size", "feed_forward_length"),
+                         ("num_layers", "block_count")):
+        sizes[ours] = config_size(src.metadata, f"{arch}.{theirs}", ours, src.origin, missing)
+    for ours, theirs in (("num_kv_heads", "attention.head_count_kv"),
+                         ("head_dim", "attention.key_length"),
+                         ("head_dim", "rope.dimension_count"),
+                         ("max_position_embeddings", "context_length")):
+        if f(theirs):  # absent or 0: the defaults below, as before
+            config_size(src.metadata, f"{arch}.{theirs}", ours, src.origin, missing)
+    if missing:
+        raise CheckpointError(src.origin, missing)
+    h, n = sizes["hidden_size"], sizes["num_heads"]
     d = int(f("attention.key_length") or f("rope.dimension_count") or h // n)
+    if d == 0:
+        raise CheckpointError(src.origin, [Problem(
+            "config", key=f"{arch}.embedding_length", file=src.origin,
+            expected=f"at least {arch}.attention.head_count ({n})", actual=h)])
     theta = float(f("rope.freq_base", 10000.0))
     config_keys = []
     scaling, factor, orig = None, 1.0, 8192

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
-from freezeempath_jax.checkpoints.sources import TensorSource
+from freezeempath_jax.checkpoints.sources import TensorSource, check_finite
 
 MODEL_FILE = "model.bin"
 SUPPORTED_VERSIONS = (4, 5, 6)
@@ -149,7 +149,7 @@ class CTranslate2Source(TensorSource):
         with open(self.origin, "rb") as f:
             f.seek(offset)
             arr = np.frombuffer(f.read(count * dt.itemsize), dt).copy()
-        return arr.reshape(shape)
+        return check_finite(arr.reshape(shape), key, self.origin)
 
 
 def write_model_bin(path: str, spec: str, revision: int,

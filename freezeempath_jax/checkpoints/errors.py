@@ -7,7 +7,9 @@ files) and raise once, so a user fixing a checkpoint sees everything in one go.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
+
+from freezeempath_jax.models.configs import size_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,3 +72,32 @@ class CheckpointError(ValueError):
 def fail(source: str, kind: str, detail: str = "", **kw) -> None:
     """Raises a CheckpointError with a single problem."""
     raise CheckpointError(source, [Problem(kind, detail=detail, **kw)])
+
+
+REQUIRED = object()  # `config_size` default: the field must be present
+
+
+def config_size(cfg: Mapping[str, Any], key: str, size: str, origin: str,
+                problems: List[Problem], default: Any = REQUIRED,
+                name: Optional[str] = None) -> Optional[int]:
+    """`cfg[key]` as an int checked against the bounds of size `size` (see `SIZE_LIMITS`).
+
+    A missing (without `default`), non-integer or out-of-range value appends one "config"
+    problem naming the field (`name`, else `key`) and the file `origin`, and returns None, so
+    a caller reports every bad field of a config at once. A missing or null field with a
+    `default` gives the default.
+    """
+    name = key if name is None else name
+    value = cfg.get(key) if isinstance(cfg, Mapping) else None
+    if value is None:
+        if default is not REQUIRED:
+            return default
+        problems.append(Problem("config", key=name, file=origin,
+                                detail="required field is missing"))
+        return None
+    expected = size_problem(size, value)
+    if expected is not None:
+        problems.append(Problem("config", key=name, file=origin, expected=expected,
+                                actual=repr(value)))
+        return None
+    return int(value)

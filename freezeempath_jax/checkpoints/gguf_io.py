@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
-from freezeempath_jax.checkpoints.sources import TensorSource
+from freezeempath_jax.checkpoints.sources import TensorSource, check_finite
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
@@ -123,7 +123,13 @@ class GGUFSource(TensorSource):
             name = c.string()
             dims = [c.take("<Q") for _ in range(c.take("<I"))]
             infos.append((name, dims, c.take("<I"), c.take("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        # llama.cpp rejects any alignment that is not a power of two; 0 would divide by zero.
+        if (isinstance(align, bool) or not isinstance(align, int) or align <= 0
+                or align & (align - 1)):
+            raise CheckpointError(self.origin, [Problem(
+                "corrupt", key="general.alignment", file=self.origin,
+                expected="a power of two", actual=repr(align))])
         start = -(-c.pos // align) * align
         self._tensors: Dict[str, Tuple[Tuple[int, ...], Any, int, int]] = {}
         problems = []
@@ -160,6 +166,9 @@ class GGUFSource(TensorSource):
         with open(self.origin, "rb") as f:
             f.seek(offset)
             raw = np.frombuffer(f.read(nbytes), np.uint8)
+        return check_finite(self._decode(raw, shape, qt), key, self.origin)
+
+    def _decode(self, raw: np.ndarray, shape, qt) -> np.ndarray:
         qts = self._gguf.GGMLQuantizationType
         if qt == qts.F32:
             return raw.view(np.float32).reshape(shape)

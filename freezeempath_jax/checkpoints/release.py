@@ -26,7 +26,7 @@ import numpy as np
 from freezeempath_jax.checkpoints import causal_lm as lm_keys
 from freezeempath_jax.checkpoints.assemble import (Placer, Rule, assemble, check, flatten, linear,
                                                    prefixed, unflatten)
-from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
+from freezeempath_jax.checkpoints.errors import CheckpointError, Problem, config_size
 from freezeempath_jax.checkpoints.model_tree import freezeempath_init, make_placer, verify
 from freezeempath_jax.checkpoints.formats import converted_kind
 from freezeempath_jax.checkpoints.orbax_io import load_converted_part
@@ -82,6 +82,12 @@ def release_config(cfg: dict, src, whisper_cfg: WhisperConfig, dtype, frozen_dty
         problems.append(Problem("config", key="speech_encoder_hidden_size", file=origin,
                                 expected=whisper_cfg.d_model, actual=enc_d,
                                 detail="width of the Whisper encoder found"))
+    # Splits the encoder width into heads in `release_rules`: checked before it is used.
+    emo_heads = config_size(cfg, "emotion_num_heads", "num_heads", origin, problems, default=4)
+    if emo_heads and whisper_cfg.d_model % emo_heads:
+        problems.append(Problem("config", key="emotion_num_heads", file=origin,
+                                expected=f"a divisor of the encoder width {whisper_cfg.d_model}",
+                                actual=emo_heads))
     if problems:
         raise CheckpointError(origin, problems)
     llm = lm_keys.config_from_hf({**cfg, "model_type": "qwen2"}, frozen_dtype, origin)
@@ -91,7 +97,7 @@ def release_config(cfg: dict, src, whisper_cfg: WhisperConfig, dtype, frozen_dty
     lq = EMO + "attn_pool.latent_queries"
     emotion = EmotionConfig(
         gate_hidden=_shape(src, EMO + "gate_fc1.weight", 0, 128),
-        num_heads=int(cfg.get("emotion_num_heads", 4)),
+        num_heads=emo_heads,
         num_queries=int(np.prod(src.shape(lq)[:-1])) if lq in src else 1,
         mlp_hidden=_shape(src, EMO + "linear1.weight", 0, 2048),
         num_classes=_shape(src, "hidden2emotion.weight", 0, 5))

@@ -9,6 +9,7 @@ memory of a load is one tensor at a time, not the mapped pages of whole shards.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -16,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
-from freezeempath_jax.checkpoints.sources import TensorSource
+from freezeempath_jax.checkpoints.sources import TensorSource, check_finite
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,7 +32,10 @@ _DTYPES = {
 def read_header(path: str) -> Tuple[Dict[str, dict], int, List[Problem]]:
     """(tensor entries, data start offset, problems) of one safetensors file.
 
-    Problems name the file and say whether it is missing, truncated or corrupt.
+    Problems name the file and say whether it is missing, truncated or corrupt; a header
+    that is not an object, or an entry whose dtype, shape or data_offsets are malformed,
+    negative, of the wrong size or overlapping another's, is corrupt. Only well-formed
+    entries are returned.
     """
     if not os.path.isfile(path):
         return {}, 0, [Problem("file", file=path, detail="file not found")]
@@ -49,8 +53,12 @@ def read_header(path: str) -> Tuple[Dict[str, dict], int, List[Problem]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return {}, 0, [Problem("corrupt", file=path, detail=f"bad JSON header: {e}")]
+    if not isinstance(header, dict):
+        return {}, 0, [Problem("corrupt", file=path, expected="a JSON object",
+                               actual=f"a JSON {type(header).__name__}",
+                               detail="safetensors header")]
     header.pop("__metadata__", None)
-    problems = []
+    header, problems = _valid_entries(header, path)
     # One problem per tensor whose data runs past the end of the file, so the message says
     # which weights a partial download lost (the listing in CheckpointError is capped).
     for key, e in sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0])):
@@ -60,11 +68,68 @@ def read_header(path: str) -> Tuple[Dict[str, dict], int, List[Problem]]:
                                     actual=f"{size} bytes",
                                     detail=f"{e.get('dtype')} tensor of shape "
                                            f"{tuple(int(d) for d in e.get('shape', ()))}"))
+    return header, 8 + n, problems
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _valid_entries(header: dict, path: str) -> Tuple[Dict[str, dict], List[Problem]]:
+    """The well-formed tensor entries of a parsed header, and a problem for each other one.
+
+    Checked here, before any data is read: offsets are what each read seeks to, so a
+    negative, mis-sized or overlapping range would otherwise read another tensor's bytes
+    (or garbage) without a word.
+    """
+    valid, problems = {}, []
     for key, e in header.items():
+        if not isinstance(e, dict):
+            problems.append(Problem("corrupt", key=key, file=path, expected="an object",
+                                    actual=repr(e)[:80], detail="header entry"))
+            continue
         if e.get("dtype") not in _DTYPES:
             problems.append(Problem("dtype", key=key, file=path,
                                     detail=f"unsupported safetensors dtype {e.get('dtype')}"))
-    return header, 8 + n, problems
+            continue
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            problems.append(Problem("corrupt", key=key, file=path, expected="a list of "
+                                    "non-negative integers", actual=repr(shape)[:80],
+                                    detail="field 'shape'"))
+            continue
+        if offsets is None:
+            problems.append(Problem("corrupt", key=key, file=path,
+                                    detail="header entry lacks field 'data_offsets'"))
+            continue
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_count(x) for x in offsets) or offsets[0] > offsets[1]):
+            problems.append(Problem("corrupt", key=key, file=path,
+                                    expected="[begin, end] with 0 <= begin <= end",
+                                    actual=repr(offsets)[:80], detail="field 'data_offsets'"))
+            continue
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            problems.append(Problem("corrupt", key=key, file=path, expected=f"{nbytes} bytes",
+                                    actual=f"{offsets[1] - offsets[0]} bytes",
+                                    detail=f"field 'data_offsets' of a {e['dtype']} tensor of "
+                                           f"shape {tuple(shape)}"))
+            continue
+        valid[key] = e
+    # Sorted by start, a range overlaps an earlier one exactly when it starts before the
+    # furthest end seen so far (empty tensors occupy no bytes and overlap nothing).
+    reach = None  # (key, [begin, end]) of the non-empty range reaching furthest
+    for key, e in sorted(valid.items(), key=lambda kv: kv[1]["data_offsets"]):
+        begin, end = e["data_offsets"]
+        if begin == end:
+            continue
+        if reach is not None and begin < reach[1][1]:
+            problems.append(Problem("corrupt", key=key, file=path,
+                                    detail=f"field 'data_offsets' {[begin, end]} overlaps "
+                                           f"{reach[1]} of {reach[0]!r}"))
+        if reach is None or end > reach[1][1]:
+            reach = (key, [begin, end])
+    return valid, problems
 
 
 class SafetensorsSource(TensorSource):
@@ -134,9 +199,26 @@ class SafetensorsSource(TensorSource):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(index, [Problem("corrupt", file=index,
                                                   detail=f"unreadable index: {e}")]) from e
+        problems = []
+        if not isinstance(weight_map, dict):
+            problems.append(Problem("corrupt", key="weight_map", file=index,
+                                    expected="an object {tensor: shard file}",
+                                    actual=f"a JSON {type(weight_map).__name__}"))
+            weight_map = {}
+        for key, shard in weight_map.items():
+            # Lexical check (no realpath): shards in the Hugging Face cache are symlinks into
+            # a blobs folder, which is fine; a name that climbs out of the folder is not.
+            if (not isinstance(shard, str) or not shard or os.path.isabs(shard)
+                    or os.pardir in shard.replace("\\", "/").split("/")):
+                problems.append(Problem("corrupt", key="weight_map", file=index,
+                                        actual=repr(shard)[:80],
+                                        detail=f"the shard of {key!r} must be a file name "
+                                               "inside the checkpoint folder"))
+        if problems:
+            raise CheckpointError(index, problems)
         shards = sorted(set(weight_map.values()))
         return [os.path.join(os.path.dirname(index), s) for s in shards], weight_map
 
@@ -177,7 +259,7 @@ class SafetensorsSource(TensorSource):
             raise CheckpointError(fpath, [Problem("truncated", key=key, file=fpath,
                                                   expected=f"{count * dt.itemsize} bytes",
                                                   actual=f"{got} bytes")])
-        return arr.reshape(shape)
+        return check_finite(arr.reshape(shape), key, fpath)
 
 
 def read_config(directory: str, name: str = "config.json") -> dict:

@@ -9,7 +9,36 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Tuple
 
+import ml_dtypes
 import numpy as np
+
+from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
+
+# Float types numpy does not class as floats (kind "V"); they can hold NaN too.
+_ML_FLOATS = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+                                         ml_dtypes.float8_e5m2))
+
+
+def check_finite(arr: np.ndarray, key: str, file: str) -> np.ndarray:
+    """`arr` itself when it holds no NaN or inf; otherwise a CheckpointError naming `key`.
+
+    Every source calls it on each tensor it reads. The test is one float64 sum, which numpy
+    computes in buffered blocks (no array-sized temporary; about 1 ns per element, small
+    next to reading the bytes): NaN and inf always survive a sum, and float64 cannot
+    overflow from summing float32-range weights. Only a failing sum is counted exactly.
+    """
+    if not (arr.dtype.kind == "f" or arr.dtype in _ML_FLOATS) or arr.size == 0:
+        return arr
+    if np.isfinite(np.sum(arr, dtype=np.float64)):
+        return arr
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad == 0:  # float64 weights summing past 1e308: absurd but finite
+        return arr
+    first = np.unravel_index(int(np.argmin(np.isfinite(arr))), arr.shape)
+    raise CheckpointError(file, [Problem(
+        "corrupt", key=key, file=file,
+        detail=f"{bad} NaN or infinite value(s) among {arr.size} of shape {arr.shape}, "
+               f"first at index {tuple(int(i) for i in first)}")])
 
 
 class TensorSource:
@@ -62,7 +91,7 @@ class DictSource(TensorSource):
         return str(self._t[key].dtype).replace("torch.", "")
 
     def read(self, key):
-        return self._to_numpy(self._t[key])
+        return check_finite(self._to_numpy(self._t[key]), key, self.origin)
 
 
 class PrefixedSource(TensorSource):

@@ -18,7 +18,7 @@ import numpy as np
 from freezeempath_jax.checkpoints.assemble import Rule, assemble, linear, unflatten
 from freezeempath_jax.checkpoints.ctranslate2_io import (MODEL_FILE, CTranslate2Source,
                                                          write_model_bin)
-from freezeempath_jax.checkpoints.errors import CheckpointError, Problem
+from freezeempath_jax.checkpoints.errors import REQUIRED, CheckpointError, Problem, config_size
 from freezeempath_jax.checkpoints.model_tree import (dtype_name, make_placer, verify,
                                                      whisper_init)
 from freezeempath_jax.checkpoints.formats import converted_kind
@@ -129,23 +129,49 @@ def ct2_rules(c: WhisperConfig) -> List[Rule]:
 # ---------------------------------------------------------------------------- configs
 
 
-def config_from_hf(cfg: dict, dtype) -> WhisperConfig:
-    """WhisperConfig from a Hugging Face Whisper config.json dict."""
+_DEFAULTS = {"num_mel_bins": 80, "max_source_positions": 1500}
+
+
+def _checked_sizes(cfg: dict, fields, origin: str, where: str = "") -> dict:
+    """{our size name: value} for `fields` ((ours, theirs) pairs), every one checked against
+    `SIZE_LIMITS` and d_model against the head count; one CheckpointError lists every bad
+    field (named `where` + theirs) of the file `origin`."""
+    problems: List[Problem] = []
+    sizes = {ours: config_size(cfg, theirs, ours, origin, problems,
+                               default=_DEFAULTS.get(theirs, REQUIRED), name=where + theirs)
+             for ours, theirs in fields}
+    if problems:
+        raise CheckpointError(origin, problems)
+    if sizes["d_model"] % sizes["num_heads"]:
+        heads = dict((o, t) for o, t in fields)["num_heads"]
+        raise CheckpointError(origin, [Problem(
+            "config", key=where + heads, file=origin, actual=sizes["num_heads"],
+            expected=f"a divisor of the width {sizes['d_model']}")])
+    return sizes
+
+
+def config_from_hf(cfg: dict, dtype, origin: str = "config.json") -> WhisperConfig:
+    """WhisperConfig from a Hugging Face Whisper config.json dict (sizes checked)."""
+    s = _checked_sizes(cfg, (("n_mels", "num_mel_bins"), ("d_model", "d_model"),
+                             ("num_layers", "encoder_layers"),
+                             ("num_heads", "encoder_attention_heads"),
+                             ("mlp_dim", "encoder_ffn_dim"),
+                             ("max_source_positions", "max_source_positions")), origin)
     return WhisperConfig(
-        n_mels=int(cfg.get("num_mel_bins", 80)), d_model=int(cfg["d_model"]),
-        num_layers=int(cfg["encoder_layers"]), num_heads=int(cfg["encoder_attention_heads"]),
-        mlp_dim=int(cfg["encoder_ffn_dim"]),
-        max_source_positions=int(cfg.get("max_source_positions", 1500)),
-        param_dtype=dtype_name(dtype))
+        n_mels=s["n_mels"], d_model=s["d_model"], num_layers=s["num_layers"],
+        num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
+        max_source_positions=s["max_source_positions"], param_dtype=dtype_name(dtype))
 
 
-def config_from_openai_dims(dims: dict, dtype) -> WhisperConfig:
+def config_from_openai_dims(dims: dict, dtype, origin: str = "dims") -> WhisperConfig:
     """WhisperConfig from OpenAI-whisper `dims` (n_mels, n_audio_ctx/state/head/layer)."""
-    d = int(dims["n_audio_state"])
-    return WhisperConfig(n_mels=int(dims["n_mels"]), d_model=d,
-                         num_layers=int(dims["n_audio_layer"]),
-                         num_heads=int(dims["n_audio_head"]), mlp_dim=4 * d,
-                         max_source_positions=int(dims["n_audio_ctx"]),
+    s = _checked_sizes(dims, (("n_mels", "n_mels"), ("d_model", "n_audio_state"),
+                              ("num_layers", "n_audio_layer"), ("num_heads", "n_audio_head"),
+                              ("max_source_positions", "n_audio_ctx")), origin, "dims.")
+    return WhisperConfig(n_mels=s["n_mels"], d_model=s["d_model"],
+                         num_layers=s["num_layers"], num_heads=s["num_heads"],
+                         mlp_dim=4 * s["d_model"],
+                         max_source_positions=s["max_source_positions"],
                          param_dtype=dtype_name(dtype))
 
 
@@ -159,8 +185,16 @@ def config_from_shapes(src: TensorSource, conv1: str, pos: str, fc1: str, layer_
     d, n_mels, _ = src.shape(conv1)
     pattern = re.compile(layer_re)
     layers = {int(m.group(1)) for k in src.keys() for m in [pattern.fullmatch(k)] if m}
+    heads = num_heads or max(1, d // HEAD_DIM)
+    # A stored head count (CTranslate2 `encoder/num_heads`, the release's
+    # speech_encoder_num_heads) is data too: 0 or a non-divisor would fail deep in a reshape.
+    if (isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1
+            or d % heads):
+        raise CheckpointError(src.origin, [Problem(
+            "config", key="num_heads", file=src.origin, actual=repr(heads),
+            expected=f"a positive divisor of the encoder width {d}")])
     return WhisperConfig(n_mels=n_mels, d_model=d, num_layers=len(layers),
-                         num_heads=num_heads or d // HEAD_DIM, mlp_dim=src.shape(fc1)[0],
+                         num_heads=int(heads), mlp_dim=src.shape(fc1)[0],
                          max_source_positions=src.shape(pos)[0], param_dtype=dtype_name(dtype))
 
 
@@ -210,6 +244,11 @@ def _openai_source(path: str) -> Tuple[dict, TensorSource]:
         raise CheckpointError(path, [Problem("architecture", file=path,
                                              expected="a dict with 'dims' and "
                                                       "'model_state_dict'", actual=got)])
+    bad = [Problem("corrupt", key=k, file=path, expected="a dict",
+                   actual=type(ckpt[k]).__name__)
+           for k in ("dims", "model_state_dict") if not isinstance(ckpt[k], dict)]
+    if bad:
+        raise CheckpointError(path, bad)
     return dict(ckpt["dims"]), DictSource(ckpt["model_state_dict"], path, torch_to_numpy)
 
 
@@ -226,7 +265,7 @@ def encoder_rules_for(src: TensorSource, origin: str, dtype, hf_config: Optional
                                          r"blocks\.(\d+)\.attn\.query\.weight", dtype, num_heads)
                 return cfg, openai_rules(cfg, p), p
             if hf_config is not None:
-                cfg = config_from_hf(hf_config, dtype)
+                cfg = config_from_hf(hf_config, dtype, os.path.join(origin, "config.json"))
             else:
                 cfg = config_from_shapes(src, p + "conv1.weight", p + "embed_positions.weight",
                                          p + "layers.0.fc1.weight", re.escape(p) +
@@ -266,7 +305,7 @@ def load_whisper_encoder(path, dtype=jnp.float32, *, shardings=None, mesh=None, 
         scope = _encoder_scope(prefix)
     elif fmt == "openai":
         dims, src = _openai_source(path)
-        cfg = config_from_openai_dims(dims, dtype)
+        cfg = config_from_openai_dims(dims, dtype, path)
         key_rules, scope = openai_rules(cfg, "encoder."), _encoder_scope("encoder.")
     else:
         src = CTranslate2Source(path)

@@ -7,6 +7,12 @@ request, this process initialises the library once and forks a child per request
 child starts from the same clean state. A fork of this small process costs about a
 millisecond, and a crash inside the C library takes down only that child.
 
+eSpeak NG also has a random noise source (`espeak_rand`, used for the breath noise of
+variants with a `breath` line, such as `+f2` and `+f3`, and by the Klatt generator), and
+`espeak_Initialize` seeds it from `time()`. Forking alone therefore repeats clips within one
+process but not across processes. Each child reseeds it, and libc's `rand()` (which the
+library's wave generator also calls), from a hash of its request before synthesizing.
+
 Protocol on stdin/stdout (binary): one JSON request per line
 `{"voice", "text", "rate", "volume", "pitch", "range"}`; each response is a status byte
 (0 ok, 1 error), a little-endian uint64 length, then the payload (int16 little-endian samples
@@ -21,6 +27,7 @@ import json
 import os
 import struct
 import sys
+import zlib
 
 AUDIO_OUTPUT_SYNCHRONOUS = 2
 POS_CHARACTER = 1
@@ -42,6 +49,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _respond(status: int, payload: bytes) -> None:
     _write_all(1, struct.pack("<BQ", status, len(payload)) + payload)
+
+
+def _seed_noise(lib, libc, line: bytes) -> None:
+    # A function of the request only: clips with identical requests are identical, and
+    # different requests still get different breath noise. 31 bits fit every C seed type.
+    seed = zlib.crc32(line.strip()) & 0x7FFFFFFF
+    lib.espeak_ng_SetRandSeed(seed)
+    libc.srand(seed)
 
 
 def _render(lib, request: dict) -> bytes:
@@ -78,6 +93,15 @@ def main() -> None:
         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
     ]
+    if not hasattr(lib, "espeak_ng_SetRandSeed"):
+        # Without it the breath noise is seeded from the clock and clips are not reproducible.
+        message = (f"{lib_path} lacks espeak_ng_SetRandSeed "
+                   "(eSpeak NG 1.52 from espeakng-loader has it)")
+        _respond(1, message.encode())
+        return
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    libc = ctypes.CDLL(None)
+    libc.srand.argtypes = [ctypes.c_uint]
     sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
     if sample_rate <= 0:
         _respond(1, f"espeak_Initialize failed for data path {data_path}".encode())
@@ -95,6 +119,7 @@ def main() -> None:
         if pid == 0:
             code = 0
             try:
+                _seed_noise(lib, libc, line)
                 _respond(0, _render(lib, json.loads(line)))
             except BaseException as e:  # noqa: BLE001 - every failure goes back as a message
                 _respond(1, f"{type(e).__name__}: {e}".encode())

@@ -7,7 +7,8 @@ synth callback that collects int16 samples at eSpeak's 22,050 Hz; clips are resa
 Rendering happens in a small helper process (`_espeak_server.py`) that forks once per
 clip: eSpeak keeps waveform state in C statics across calls, and the fork makes every clip a
 pure function of (text, voice, prosody), so a corpus is reproducible from its seed whatever
-else was rendered before.
+else was rendered before. eSpeak seeds its breath-noise generator from the clock, so each
+render also reseeds it from the request: clips are identical across processes too.
 
 Each of the 5 release emotions has a prosody preset on eSpeak's scales (pitch 0-100, pitch
 range 0-100, rate in words per minute, volume 0-200, 100 = normal), jittered per clip:

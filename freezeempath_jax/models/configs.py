@@ -24,6 +24,40 @@ def to_dtype(name: Any):
     return jnp.dtype(name)
 
 
+# Sane bounds on sizes read from checkpoint files. Loaders check them before building key
+# tables or allocating anything, so a corrupt number (num_hidden_layers: 10000000) is an
+# error naming the field instead of minutes of work ending in a MemoryError. Each bound is
+# several times the largest released model's value (Llama 3.1 405B: hidden 16384, 126 layers,
+# 128 heads, intermediate 53248; vocabularies up to about 256k; Whisper large: 1280 wide).
+SIZE_LIMITS = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 24),
+    "n_mels": (1, 1024),
+    "d_model": (1, 1 << 17),
+    "mlp_dim": (1, 1 << 20),
+    "max_source_positions": (1, 1 << 20),
+}
+
+
+def size_problem(name: str, value: Any) -> Optional[str]:
+    """Why `value` is not a plausible size `name` (a `SIZE_LIMITS` key); None when it is.
+
+    Integral floats (4096.0) pass, as some exporters write them; bools and strings do not.
+    """
+    lo, hi = SIZE_LIMITS[name]
+    integral = not isinstance(value, bool) and (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+    if integral and lo <= value <= hi:
+        return None
+    return f"an integer in {lo}..{hi}"
+
+
 @dataclasses.dataclass(frozen=True)
 class WhisperConfig:
     """Whisper encoder. Defaults are tiny.en (80 mels, d 384, 4 layers, 6 heads)."""
