@@ -161,6 +161,45 @@ EMOTIONAL_STATEMENTS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     },
 }
 
+# A question grammar (English) for content alignment: many distinct short requests whose
+# topic word is known. Each group crosses its verbs with its objects; the topic of a question
+# is the last word of its object. Short frames keep a question within ~3 s even at the sad
+# preset's 100 words per minute.
+QUESTION_FRAMES = ("How do I {act}?", "How can I {act}?", "Teach me to {act}.",
+                   "Any tips to {act}?")
+QUESTION_GROUPS = (
+    (("learn", "practice", "teach", "enjoy"),
+     ("chess", "tennis", "golf", "poker", "swimming", "painting")),
+    (("cook", "bake", "make", "store"), ("bread", "pasta", "rice", "soup", "pancakes", "cookies")),
+    (("grow", "water", "plant", "harvest"), ("tomatoes", "roses", "basil", "potatoes", "lettuce")),
+    (("clean", "fix", "paint", "repair"), ("my bike", "the fence", "my shoes", "the kitchen",
+                                           "a window")),
+    (("plan", "organise", "afford", "prepare for"), ("a trip", "a wedding", "a party",
+                                                     "an interview", "a move")),
+    (("save", "track", "earn"), ("money", "time", "energy")),
+    (("train", "walk", "feed", "groom"), ("my dog", "my cat", "a puppy", "a horse")),
+)
+
+
+def grammar_questions(held_out: bool = False) -> Tuple[Tuple[str, str], ...]:
+    """(question, topic word) pairs of the question grammar, in a fixed order.
+
+    A quarter of the (verb, object) pairs (those with (verb index + object index) % 4 == 0)
+    are held out: they never appear in a training corpus and are what `held_out=True`
+    returns, so a model can be asked questions it never heard, about topics whose words it
+    did hear in other questions.
+    """
+    out = []
+    for verbs, objects in QUESTION_GROUPS:
+        for i, verb in enumerate(verbs):
+            for j, obj in enumerate(objects):
+                if ((i + j) % 4 == 0) != held_out:
+                    continue
+                topic = obj.split()[-1]
+                out += [(frame.format(act=f"{verb} {obj}"), topic) for frame in QUESTION_FRAMES]
+    return tuple(out)
+
+
 # Share of clips that use a neutral instruction (rendered in the clip's emotion).
 INSTRUCTION_SHARE = 0.5
 SILENCE_SECONDS = (0.05, 0.3)
@@ -378,8 +417,12 @@ def synthesize(
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
-def _clip_plan(language: str, emotion: str, index: int, seed: int) -> dict:
-    """What clip `index` of (language, emotion) says and how: a function of the seed only."""
+def _clip_plan(language: str, emotion: str, index: int, seed: int,
+               instructions: str = "fixed") -> dict:
+    """What clip `index` of (language, emotion) says and how: a function of the seed only.
+
+    instructions: "fixed" (the short list above) or "grammar" (English: the training half of
+    `grammar_questions`, hundreds of distinct requests; other languages keep their list)."""
     lang_id = sorted(VOICES).index(language)
     ss = np.random.SeedSequence([seed, lang_id, EMOTIONS.index(emotion), index])
     rng = np.random.default_rng(ss)
@@ -387,6 +430,10 @@ def _clip_plan(language: str, emotion: str, index: int, seed: int) -> dict:
     voice = voices[int(rng.integers(len(voices)))]
     if rng.uniform() < INSTRUCTION_SHARE:
         pool, kind = NEUTRAL_INSTRUCTIONS[language], "instruction"
+        if instructions == "grammar" and language == "en":
+            pool = tuple(q for q, _ in grammar_questions())
+        elif instructions not in ("fixed", "grammar"):
+            raise ValueError(f"instructions must be 'fixed' or 'grammar', got {instructions!r}")
     else:
         pool, kind = EMOTIONAL_STATEMENTS[language][emotion], "statement"
     text = pool[int(rng.integers(len(pool)))]
@@ -423,8 +470,10 @@ def synthetic_plan(
     languages: Sequence[str] = ("en",),
     seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    instructions: str = "fixed",
 ) -> List[dict]:
-    """The corpus's records without audio, in a fixed order.
+    """The corpus's records without audio, in a fixed order (`instructions`: see
+    `_clip_plan`).
 
     Each record holds the manifest fields (id, transcript, emotion, label, speaker, voice,
     language, split, kind) plus `clip_seed`; `render_synthetic(record)` makes its audio.
@@ -448,7 +497,7 @@ def synthetic_plan(
                     0 if rank < counts[0] else 1 if rank < counts[0] + counts[1] else 2
                 ]
             for index in range(num_per_emotion):
-                clip = _clip_plan(language, emotion, index, seed)
+                clip = _clip_plan(language, emotion, index, seed, instructions)
                 plan.append(
                     {
                         "id": f"synth-{language}-{emotion}-{index:05d}",
@@ -478,9 +527,11 @@ def iter_synthetic_examples(
     languages: Sequence[str] = ("en",),
     seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    instructions: str = "fixed",
 ):
     """Yields `(record, audio)` for every clip of `synthetic_plan(...)`, rendering lazily."""
-    for record in synthetic_plan(num_per_emotion, languages, seed, split_fractions):
+    for record in synthetic_plan(num_per_emotion, languages, seed, split_fractions,
+                                 instructions):
         yield record, render_synthetic(record)
 
 
@@ -491,6 +542,7 @@ def build_synthetic_corpus(
     seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     progress: bool = True,
+    instructions: str = "fixed",
 ) -> Dict[str, str]:
     """Writes a synthetic emotional speech corpus: 16 kHz PCM-16 WAVs plus JSONL manifests.
 
@@ -506,6 +558,7 @@ def build_synthetic_corpus(
       seed: corpus seed.
       split_fractions: (train, validation, test) shares, applied per emotion and language.
       progress: show a tqdm bar.
+      instructions: "fixed" or "grammar" (see `_clip_plan`).
 
     Returns:
       `{split: manifest path}` for the three splits (a split may be empty for tiny corpora).
@@ -520,7 +573,8 @@ def build_synthetic_corpus(
     total = num_per_emotion * len(EMOTIONS) * len(languages)
     files = {split: open(path, "w", encoding="utf-8") for split, path in manifests.items()}
     try:
-        examples = iter_synthetic_examples(num_per_emotion, languages, seed, split_fractions)
+        examples = iter_synthetic_examples(num_per_emotion, languages, seed, split_fractions,
+                                           instructions)
         for record, audio in tqdm(
             examples, total=total, desc="synthetic corpus", unit="clip", disable=not progress
         ):

@@ -86,6 +86,10 @@ class FreezeEmpath(nn.Module):
         return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
                               ser_logits=emo.ser_logits, attributes=emo.attributes)
 
+    def project_speech(self, last_hidden_state):
+        """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs."""
+        return self.projector(last_hidden_state)
+
     def encode_speech(self, mel):
         """mel [B, n_mels, frames] -> (speech_embeds [B, S, H], emotion_embedding [B, Q, H],
         ser_logits [B, 5])."""

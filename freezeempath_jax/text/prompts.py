@@ -112,6 +112,8 @@ class PromptRecipe:
         2b keep it, so the chat prompt never sees the target "The speaker sounds ...".
     teacher / teacher_emotion: what the frozen teacher LLM reads instead of speech, without
         and with the emotion label (`{transcript}`, `{emotion}` are filled in).
+    neutral_plain: a neutral input gets the plain teacher text, so its target is a plain
+        answer (DESIGN.md section 10: the release answers neutral questions plainly).
     The chat turn itself is the model config's `user_template` (what a checkpoint was
     trained with).
     """
@@ -120,10 +122,11 @@ class PromptRecipe:
     emotion_question: str = f"{SPEECH}{EMOTION} What emotion does the speaker's voice convey?"
     teacher: str = "{transcript}"
     teacher_emotion: str = "{transcript} (with a {emotion} emotional tone)."
+    neutral_plain: bool = False
 
     def teacher_text(self, transcript: str, emotion: Optional[str] = None) -> str:
         """The teacher's user turn for `transcript` (with `emotion` when given)."""
-        if emotion is None:
+        if emotion is None or (self.neutral_plain and emotion == "neutral"):
             return self.teacher.format(transcript=transcript)
         return self.teacher_emotion.format(transcript=transcript, emotion=emotion)
 
@@ -137,7 +140,8 @@ class PromptRecipe:
             stage1=get("stage1_template", None) or base.stage1,
             emotion_question=get("emotion_template", None) or base.emotion_question,
             teacher=get("teacher_template", None) or base.teacher,
-            teacher_emotion=get("teacher_emotion_template", None) or base.teacher_emotion)
+            teacher_emotion=get("teacher_emotion_template", None) or base.teacher_emotion,
+            neutral_plain=bool(get("teacher_neutral_plain", base.neutral_plain)))
 
 
 def emotion_statement(emotion: str) -> str:

@@ -116,8 +116,49 @@ class BatchBuilder:
         ids = [i for i in ids if i != self.tok.eos_id][: self.target_len - 1]
         return ids + [self.tok.eos_id]
 
+    def set_align_vocab(self, transcripts: Sequence[str], multiple: int = 256, seed: int = 0):
+        """Candidate classes of `align_ctc`: every token of `transcripts`, padded with random
+        other tokens (extra negatives) to a multiple of `multiple` (one static shape)."""
+        seen = sorted({t for text in transcripts for t in self.tok.encode(text)})
+        size = _round_up(max(len(seen), 1), multiple)
+        vocab_size = self.model.llm.vocab_size
+        rng = np.random.default_rng(seed)
+        extra = [int(t) for t in rng.permutation(vocab_size) if int(t) not in set(seen)]
+        vocab = np.asarray(seen + extra[:size - len(seen)], np.int32)
+        self.align_vocab = vocab
+        self._align_index = {int(t): i for i, t in enumerate(vocab)}
+
+    def _transcripts(self, records) -> Dict[str, np.ndarray]:
+        """align_ctc targets: the transcript's token ids (indices into `align_vocab` when it
+        is set), cut to target_len."""
+        b, n = len(records), self.target_len
+        ids = np.zeros((b, n), np.int32)
+        mask = np.zeros((b, n), np.float32)
+        vocab = getattr(self, "align_vocab", None)
+        for i, rec in enumerate(records):
+            if rec is None:
+                continue
+            if not rec.get("transcript"):
+                raise ValueError(f"record {rec.get('id', '?')}: objective align_ctc needs a "
+                                 "transcript")
+            t = self.tok.encode(rec["transcript"])[:n]
+            if vocab is not None:
+                missing = [x for x in t if x not in self._align_index]
+                if missing:
+                    raise ValueError(f"record {rec.get('id', '?')}: tokens {missing[:5]} are not "
+                                     "in the align_ctc candidate vocabulary (set_align_vocab)")
+                t = [self._align_index[x] for x in t]
+            ids[i, :len(t)] = t
+            mask[i, :len(t)] = 1.0
+        out = {"transcript_ids": ids, "transcript_mask": mask}
+        if vocab is not None:
+            out["align_vocab"] = np.broadcast_to(vocab, (b, len(vocab))).copy()
+        return out
+
     def __call__(self, records: Sequence[Optional[Mapping]]) -> Dict[str, np.ndarray]:
         """Batch dict for `records` (None entries become all-padding rows)."""
+        if self.objective == "align_ctc":  # no LLM pass: audio and transcripts only
+            return {**self._audio(records), **self._transcripts(records)}
         b, t = len(records), self.seq_len
         pad = self.tok.pad_id
         input_ids = np.full((b, t), pad, np.int32)

@@ -136,6 +136,9 @@ def data_section() -> ml_collections.ConfigDict:
     d.num_per_emotion = 24
     d.languages = ("en",)
     d.corpus_seed = 0
+    # synthetic instructions: "fixed" (24 English questions) or "grammar" (400 training
+    # questions of `data.synthetic.grammar_questions`, a quarter of the pairs held out)
+    d.instructions = "fixed"
     d.split_fractions = (0.8, 0.1, 0.1)  # synthetic corpus: train / validation / test
     d.audio_seconds = 30.0  # clips are padded / trimmed to this (30 s for real Whisper)
     d.cache_encoder = False  # run the frozen encoder once per clip and train on its outputs
@@ -156,6 +159,7 @@ def data_section() -> ml_collections.ConfigDict:
     d.emotion_template = "<speech><emotion> What emotion does the speaker's voice convey?"
     d.teacher_template = "{transcript}"  # what the teacher LLM reads instead of speech
     d.teacher_emotion_template = "{transcript} (with a {emotion} emotional tone)."  # 2b teacher
+    d.teacher_neutral_plain = False  # True: neutral clips get the plain teacher text
     d.units_len = 64  # stage 3: unit tokens per example
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)

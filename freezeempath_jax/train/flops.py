@@ -218,8 +218,8 @@ def _speech_decoder(c: _Counter, cfg: FreezeEmpathConfig, reply_len: int, units_
 
 def flops_breakdown(model_config, train_config, seq_len: int, encoder_frames: int, *,
                     teacher_seq_len: Optional[int] = None, reply_len: Optional[int] = None,
-                    units_len: Optional[int] = None, encoder_cached: bool = False
-                    ) -> Dict[str, Tuple[float, float]]:
+                    units_len: Optional[int] = None, encoder_cached: bool = False,
+                    align_vocab: Optional[int] = None) -> Dict[str, Tuple[float, float]]:
     """{part: (forward FLOPs, forward + backward FLOPs)} of one step over the global batch.
 
     Parts: "whisper", "projector", "emotion", "llm", "teacher" (distill_kl), "speech_decoder"
@@ -247,6 +247,14 @@ def flops_breakdown(model_config, train_config, seq_len: int, encoder_frames: in
         front = c
     if not encoder_cached:
         _whisper(front, cfg, t_enc)
+    if objective == "align_ctc":  # the projector and its distances to every token embedding
+        s, _ = _projector(front, cfg, t_enc)
+        b = float(tc.batch_size)
+        out = {k: (v[0] * b, v[1] * b) for k, v in sorted(c.parts.items())}
+        vocab = align_vocab or cfg.llm.vocab_size
+        dist = 2.0 * s * vocab * cfg.llm.hidden_size * b
+        out["align"] = (dist, 3.0 * dist)  # forward, forward + backward (input gradient)
+        return out
     if objective == "ser_ce":  # the emotion extractor and its heads only
         _emotion(front, cfg, t_enc, with_heads=True)
         b = float(tc.batch_size)
@@ -269,7 +277,8 @@ def flops_breakdown(model_config, train_config, seq_len: int, encoder_frames: in
 
 def train_step_flops(model_config, train_config, seq_len: int, encoder_frames: int, *,
                      teacher_seq_len: Optional[int] = None, reply_len: Optional[int] = None,
-                     units_len: Optional[int] = None, encoder_cached: bool = False) -> float:
+                     units_len: Optional[int] = None, encoder_cached: bool = False,
+                     align_vocab: Optional[int] = None) -> float:
     """Model FLOPs (matrix products, forward + backward) of one optimizer step.
 
     model_config: a `FreezeEmpathConfig` (or its dict); train_config: a `step.TrainConfig`
@@ -282,7 +291,8 @@ def train_step_flops(model_config, train_config, seq_len: int, encoder_frames: i
     """
     parts = flops_breakdown(model_config, train_config, seq_len, encoder_frames,
                             teacher_seq_len=teacher_seq_len, reply_len=reply_len,
-                            units_len=units_len, encoder_cached=encoder_cached)
+                            units_len=units_len, encoder_cached=encoder_cached,
+                            align_vocab=align_vocab)
     return float(sum(total for _, total in parts.values()))
 
 

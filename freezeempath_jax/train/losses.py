@@ -34,7 +34,7 @@ Sums = Dict[str, jax.Array]
 # The objective each stage trains by default, and every objective the train step knows.
 STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
                     "3a": "unit_ce", "3b": "unit_ce"}
-OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce")
+OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce", "align_ctc")
 
 
 def next_token_targets(input_ids, target_mask):
@@ -186,6 +186,45 @@ def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
     return _with_attributes(loss, s, attributes, batch, norm, attr_weight)
 
 
+def align_ctc(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None, *,
+              blank_logit: float = -2.0) -> Tuple[jax.Array, Sums]:
+    """Content alignment without the LLM: CTC of the speech embeddings [B, S, H] against the
+    transcript's token ids, scored through the frozen LLM's own input embedding table [V, H].
+
+    A speech position's logit for token v is `-||speech - E_v||^2`: the loss pulls positions
+    onto the embeddings of the transcript's tokens, in order, so the frozen LLM reads the
+    speech much as it would read the transcript. CTC's blank has the constant logit
+    `blank_logit` (a position farther than sqrt(-blank_logit) from every token embedding is a
+    blank), so the warm-up adds no parameter. Metrics: loss_align and align_recall (share of
+    transcript tokens that some position emits under the greedy path).
+    Batch: transcript_ids [B, L], transcript_mask [B, L] (1 = token); rows without tokens
+    count nowhere. With `align_vocab` [B, K] (every row the same candidate token ids, e.g.
+    the corpus's tokens plus sampled negatives) the classes are those K tokens and
+    transcript_ids index into them: a vocabulary of 152K tokens is never scored in full.
+    """
+    import optax
+
+    labels = jnp.asarray(batch["transcript_ids"], jnp.int32)
+    lmask = jnp.asarray(batch["transcript_mask"], jnp.float32)
+    h = speech_embeds.astype(jnp.float32)
+    if "align_vocab" in batch:
+        embed_table = jnp.take(embed_table, batch["align_vocab"][0], axis=0)
+    e = embed_table.astype(jnp.float32)
+    # -||h - e||^2 = 2 h.e - |h|^2 - |e|^2 : one matrix product over the vocabulary
+    logits = (2.0 * jnp.einsum("bsh,vh->bsv", h, e) - jnp.sum(h * h, -1, keepdims=True)
+              - jnp.sum(e * e, -1)[None, None, :])
+    blank = jnp.full(logits.shape[:2] + (1,), blank_logit, jnp.float32)
+    logits = jnp.concatenate([blank, logits], axis=-1)  # blank is class 0, token v is v + 1
+    per_row = optax.ctc_loss(logits, jnp.zeros(logits.shape[:2], jnp.float32), labels + 1,
+                             1.0 - lmask, blank_id=0)
+    rows = (jnp.sum(lmask, axis=1) > 0).astype(jnp.float32)
+    path = jnp.argmax(logits, axis=-1)  # [B, S]
+    hit = jnp.any(path[:, None, :] == (labels + 1)[:, :, None], axis=-1).astype(jnp.float32)
+    s = {"align_sum": jnp.sum(per_row * rows), "align_examples": jnp.sum(rows),
+         "align_hits": jnp.sum(hit * lmask), "align_tokens": jnp.sum(lmask)}
+    return s["align_sum"] / _denominator(norm, "align_examples", s["align_examples"]), s
+
+
 def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
             ) -> Tuple[jax.Array, Sums]:
     """Stage 3: CE on speech unit / EOS targets of the streaming layout, mean over targets."""
@@ -197,6 +236,9 @@ def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.A
     """Whole-batch denominators of `objective` ("distill_ce", "distill_kl", "emotion_ce",
     "ser_ce", "unit_ce"), computed from masks alone (no model pass)."""
     f32 = jnp.float32
+    if objective == "align_ctc":
+        rows = jnp.sum(jnp.asarray(batch["transcript_mask"], f32), axis=1) > 0
+        return {"align_examples": jnp.sum(rows.astype(f32))}
     if objective == "unit_ce":
         m = batch["layout_loss_mask"] if layout_loss_mask is None else layout_loss_mask
         return {"tokens": jnp.sum(jnp.asarray(m, f32))}
@@ -235,4 +277,7 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
         out["num_ser_examples"] = sums["ser_examples"]
     if "attr_sum" in sums:
         out["loss_attr"] = ratio("attr_sum", "attr_examples")
+    if "align_sum" in sums:
+        out["loss_align"] = ratio("align_sum", "align_examples")
+        out["align_recall"] = ratio("align_hits", "align_tokens")
     return out

@@ -49,6 +49,8 @@ def _synthetic_records(cfg, workdir) -> tuple:
     out_dir = d.dir or os.path.join(workdir, "data")
     spec = {"num_per_emotion": int(d.num_per_emotion), "languages": list(d.languages),
             "seed": int(d.corpus_seed), "split_fractions": list(d.split_fractions)}
+    if d.get("instructions", "fixed") != "fixed":  # older corpora keep their marker valid
+        spec["instructions"] = str(d.instructions)
     marker = os.path.join(out_dir, "corpus.json")
     current = None
     if os.path.exists(marker):
@@ -60,7 +62,8 @@ def _synthetic_records(cfg, workdir) -> tuple:
             synthetic.build_synthetic_corpus(out_dir, spec["num_per_emotion"],
                                              tuple(spec["languages"]), spec["seed"],
                                              tuple(spec["split_fractions"]),
-                                             progress=bool(cfg.train.progress))
+                                             progress=bool(cfg.train.progress),
+                                             instructions=spec.get("instructions", "fixed"))
             with open(marker, "w") as f:
                 json.dump(spec, f)
         _sync_hosts("synthetic corpus")

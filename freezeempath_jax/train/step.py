@@ -68,7 +68,9 @@ class TrainConfig:
 
     stage: "1", "2a", "2b", "3a", "3b". objective: None = the stage's default
     (1: distill_ce, 2a/2b: emotion_ce, 3a/3b: unit_ce; "distill_kl" is the stage 1 variant,
-    "ser_ce" a stage 2a warm-up of the SER head alone, without the LLM).
+    "ser_ce" a stage 2a warm-up of the SER head alone, without the LLM; "align_ctc" a stage 1
+    warm-up of the projector by CTC against the transcript through the LLM's embedding table,
+    without the LLM's layers).
     trainable_table: [[regex, "trainable"|"frozen"], ...] or None for the stage's default.
     frozen_dtype: storage dtype of frozen parameters. compute_dtype / remat_policy: when set,
     override every component's dtype / remat policy in the model config.
@@ -227,6 +229,8 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                        teacher_attention_mask=spec((b, tt), i32),
                        teacher_loss_mask=spec((b, tt), f32),
                        teacher_loss_positions=spec((b, r), i32))
+        if objective == "align_ctc":
+            out.update(transcript_ids=spec((b, r), i32), transcript_mask=spec((b, r), f32))
         if objective in ("emotion_ce", "ser_ce"):
             out["emotion_label"] = spec((b,), i32)
             if c.emotion.num_attributes:
@@ -275,6 +279,8 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                                                           valid_reply.astype(i32)], axis=1),
                    teacher_loss_mask=np.asarray(losses.next_token_targets(tids, tmask)[1]),
                    teacher_loss_positions=reply_positions(b, tprompt.shape[1], r))
+    if objective == "align_ctc":
+        out.update(transcript_ids=reply, transcript_mask=valid_reply.astype(f32))
     if objective in ("emotion_ce", "ser_ce"):
         labels = rng.integers(0, c.emotion.num_classes, (b,)).astype(i32)
         labels[1::4] = -1  # some rows without an emotion label (stage 2b mixing)
@@ -389,6 +395,15 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
                                 method=FreezeEmpath.features_from_states)
             return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
                                  attr_weight=cfg.attr_weight)
+    elif obj == "align_ctc":
+        def f(params, batch, norm):
+            enc = _encoder_states(batch)
+            if enc is None:
+                enc = model.apply({"params": params}, batch["mel"],
+                                  method=FreezeEmpath.encode_audio)
+            speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
+            return losses.align_ctc(speech, params["llm"]["embed_tokens"]["embedding"], batch,
+                                    norm)
     elif obj == "emotion_ce":
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)

@@ -63,8 +63,8 @@ class ReplyDistiller:
         d = self.cfg.data
         source = self.cfg.init.llm or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
         tag = cache_tag(source, d.chat_template, self.model_cfg.system_prompt,
-                              d.target_len, d.teacher_len, d.tokenizer,
-                        self.recipe.teacher, self.recipe.teacher_emotion)
+                        d.target_len, d.teacher_len, d.tokenizer, self.recipe.teacher,
+                        self.recipe.teacher_emotion, self.recipe.neutral_plain)
         return os.path.join(self.cache_dir, f"replies-{tag}.json")
 
     def _reply_store(self) -> Dict[str, list]:

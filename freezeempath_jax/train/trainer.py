@@ -156,7 +156,8 @@ def _flops_per_step(cfg, ts: TrainStep, builder: B_.BatchBuilder) -> float:
         encoder_frames=builder.encoder_frames,
         teacher_seq_len=builder.tokens_per_row() - builder.seq_len or None,
         reply_len=builder.target_len, units_len=builder.units_len,
-        encoder_cached=bool(cfg.data.cache_encoder)))
+        encoder_cached=bool(cfg.data.cache_encoder),
+        align_vocab=len(getattr(builder, "align_vocab", ())) or None))
 
 
 def _evaluate(ts: TrainStep, state, frozen, data: _Data) -> Dict[str, float]:
@@ -198,7 +199,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
     train_recs = [dict(r) for r in raw_train] if stream else features.features(raw_train)
     eval_recs = features.features(raw_eval)
     everything = train_recs + eval_recs
-    if cfg.stage in ("1", "3a", "3b", "2b"):
+    needs_replies = ts.train_config.resolved_objective not in ("align_ctc", "ser_ce")
+    if cfg.stage in ("1", "3a", "3b", "2b") and needs_replies:
         ReplyDistiller(cfg, ts, frozen, tok).replies(everything,
                                                      with_emotion=cfg.stage == "2b")
     synthetic = cfg.data.kind in ("synthetic", "noise")
@@ -214,6 +216,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
         units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data))
     builder.encoder_frames = frames
+    if ts.train_config.resolved_objective == "align_ctc":
+        builder.set_align_vocab([r["transcript"] for r in everything if r.get("transcript")])
     if stream:
         builder.audio_shapes = {"mel": (model_cfg.whisper.n_mels,
                                         _mel_frames(cfg.data.audio_seconds))}
