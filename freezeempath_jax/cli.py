@@ -45,7 +45,7 @@ def _transcribe(args):
 def _eval(args):
     from freezeempath_jax.evaluation import run_eval
     failed = run_eval(args.model, args.task, args.input, args.output, judge=args.judge,
-                      asr=args.asr, data_dir=args.data_dir, split=args.split,
+                      asr=args.asr, llm=args.llm, data_dir=args.data_dir, split=args.split,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       mode=args.mode, seed=args.seed, resamples=args.resamples)
     return 1 if failed else 0
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(empathy)")
     e.add_argument("--asr", default=None, help="Whisper checkpoint transcribing spoken replies "
                                                "(spoken_qa --mode s2s)")
+    e.add_argument("--llm", default=None, help="the frozen LLM alone (retention): causal LM "
+                                               "checkpoint or .gguf")
     e.add_argument("--mode", default="s2t", choices=["s2t", "s2s"], help="spoken_qa mode")
     e.add_argument("--data-dir", default=None, help="TFDS data dir for --input tfds:<name>")
     e.add_argument("--split", default="test", help="TFDS split for --input tfds:<name>")

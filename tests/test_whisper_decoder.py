@@ -3,7 +3,6 @@ WhisperForConditionalGeneration through our Hugging Face and OpenAI loaders, the
 decode against the full pass, and greedy decoding against step-by-step argmax.
 Measured: max abs logit error ~1e-6 (float32)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

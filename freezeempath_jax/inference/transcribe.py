@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp
