@@ -13,7 +13,7 @@ from test_checkpoints_real_whisper import tiny_en_dir
 pytestmark = pytest.mark.real_weights
 
 
-def test_tiny_en_transcripts_equal_ctranslate2(shared_audio_dir, record_property):
+def test_tiny_en_transcripts_equal_ctranslate2(shared_audio_dir, record_property, tmp_path):
     ctranslate2 = pytest.importorskip("ctranslate2")
     from freezeempath_jax.audio import load_audio
     from freezeempath_jax.inference.transcribe import WhisperASR
@@ -39,3 +39,13 @@ def test_tiny_en_transcripts_equal_ctranslate2(shared_audio_dir, record_property
         expected = json.loads(kept.read_text())
         assert {f.name: asr.decode(t) for f, t in zip(files, ours)} == {
             f.name: expected[f.name] for f in files if f.name in expected}
+
+    # the transcribe command on a manifest: one line per item, a bad clip gets an error
+    from freezeempath_jax.inference.transcribe import run_transcribe
+
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": str(files[0])}) + "\n"
+                        + json.dumps({"id": "gone", "audio": str(tmp_path / "no.wav")}) + "\n")
+    assert run_transcribe(asr, str(manifest), str(tmp_path / "out.jsonl"), progress=False) == 1
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[0]["text"] == asr.decode(ours[0]) and "no.wav" in rows[1]["error"]

@@ -358,7 +358,9 @@ def test_ser_from_tfds(cm, tmp_path):
                                  batch_size=BATCH, resamples=50, progress=False)
     res = json.loads((out / "results.json").read_text())
     assert failed == 0 and res["n"] >= 1 and np.sum(res["confusion"]) == res["n"]
-    with pytest.raises(ValueError, match="no split 'test'"):
+    joined = evaluation.read_tfds("synthetic/tiny", "train+train", str(tmp_path / "tfds"))
+    assert len(joined) == 2 * 25
+    with pytest.raises(ValueError, match="no split .test."):
         evaluation.read_tfds("synthetic/tiny", "test", str(tmp_path / "tfds"))
     with pytest.raises(FileNotFoundError, match="not prepared"):
         evaluation.read_tfds("synthetic/small", "test", str(tmp_path / "tfds"))

@@ -143,7 +143,8 @@ def plot_confusion(results: dict, path: str) -> str:
 
 def read_tfds(name: str, split: str = "test", data_dir: Optional[str] = None) -> List[dict]:
     """Records of a prepared TFDS dataset of `data.builders` (`name` or `name/config`, e.g.
-    "ravdess", "synthetic/tiny"); audio is decoded from its int16 samples. The dataset must
+    "ravdess", "synthetic/tiny"), `split` one split or several joined by "+" ("train+test");
+    audio is decoded from its int16 samples. The dataset must
     have been built (`data.builders.prepare`); nothing is built or downloaded here."""
     from freezeempath_jax.data.builders import BUILDERS
 
@@ -157,13 +158,18 @@ def read_tfds(name: str, split: str = "test", data_dir: Optional[str] = None) ->
         raise FileNotFoundError(f"tfds:{name} is not prepared in {builder.data_dir!r}; build it "
                                 "with freezeempath_jax.data.builders.prepare(...) first")
     splits = sorted(builder.info.splits)
-    if split not in splits:
-        raise ValueError(f"tfds:{name} has no split {split!r}; it has {splits} (--split)")
-    source = builder.as_data_source(split)
+    # "train+test": the paper scores corpora unseen in training (RAVDESS, CASIA, CaFE) whole
+    parts = split.split("+")
+    unknown = [p for p in parts if p not in splits]
+    if unknown:
+        raise ValueError(f"tfds:{name} has no split {unknown[0]!r}; it has {splits} (--split; "
+                         "'train+test' joins splits)")
     records = []
-    for i in range(len(source)):
-        ex = source[i]
-        rid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
-        records.append({"id": rid, "emotion": EMOTIONS[int(ex["label"])],
-                        "samples": np.asarray(ex["audio"], np.float32) / 32768.0})
+    for part in parts:
+        source = builder.as_data_source(part)
+        for i in range(len(source)):
+            ex = source[i]
+            rid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
+            records.append({"id": rid, "emotion": EMOTIONS[int(ex["label"])],
+                            "samples": np.asarray(ex["audio"], np.float32) / 32768.0})
     return records
