@@ -1,4 +1,4 @@
-"""`freezeempath-jax` console script: convert, train, distill, chat, demo.
+"""`freezeempath-jax` console script: convert, train, distill, chat, transcribe, eval, demo.
 
 Only wiring lives here; every subcommand calls a library function that notebooks can call too.
 `train` is parsed by absl + ml_collections config flags (so `--config.train.steps=N` works);
@@ -32,6 +32,22 @@ def _chat(args):
     failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, seed=args.seed,
                       batch_size=args.batch_size)
+    return 1 if failed else 0
+
+
+def _transcribe(args):
+    from freezeempath_jax.inference.transcribe import run_transcribe
+    failed = run_transcribe(args.model, args.input, args.output, batch_size=args.batch_size,
+                            language=args.language)
+    return 1 if failed else 0
+
+
+def _eval(args):
+    from freezeempath_jax.evaluation import run_eval
+    failed = run_eval(args.model, args.task, args.input, args.output, judge=args.judge,
+                      asr=args.asr, llm=args.llm, data_dir=args.data_dir, split=args.split,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      mode=args.mode, seed=args.seed, resamples=args.resamples)
     return 1 if failed else 0
 
 
@@ -85,6 +101,39 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--batch-size", type=int, default=4)
     h.set_defaults(fn=_chat)
+
+    t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "
+                                          "(greedy, no timestamps)")
+    t.add_argument("--model", required=True, help="Whisper checkpoint: Hugging Face dir, "
+                                                  "OpenAI .pt or CTranslate2 dir")
+    t.add_argument("--input", required=True, help="audio file or JSONL manifest {id, audio}")
+    t.add_argument("--output", required=True, help="transcripts JSONL {id, audio, text}")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--language", default="en", help="language token of multilingual models")
+    t.set_defaults(fn=_transcribe)
+
+    e = sub.add_parser("eval", help="evaluate a model: ser, spoken_qa, empathy, ablation, "
+                                    "retention (docs/evaluation.md)")
+    e.add_argument("--model", required=True, help="checkpoint dir, workdir or config file")
+    e.add_argument("--task", required=True,
+                   choices=["ser", "spoken_qa", "empathy", "ablation", "retention"])
+    e.add_argument("--input", required=True,
+                   help="JSONL manifest (ser also takes tfds:<name>)")
+    e.add_argument("--output", required=True, help="output directory")
+    e.add_argument("--judge", default=None, help="causal LM checkpoint for LLM-judge scores "
+                                                 "(empathy)")
+    e.add_argument("--asr", default=None, help="Whisper checkpoint transcribing spoken replies "
+                                               "(spoken_qa --mode s2s)")
+    e.add_argument("--llm", default=None, help="the frozen LLM alone (retention): causal LM "
+                                               "checkpoint or .gguf")
+    e.add_argument("--mode", default="s2t", choices=["s2t", "s2s"], help="spoken_qa mode")
+    e.add_argument("--data-dir", default=None, help="TFDS data dir for --input tfds:<name>")
+    e.add_argument("--split", default="test", help="TFDS split for --input tfds:<name>")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    e.set_defaults(fn=_eval)
 
     m = sub.add_parser("demo", help="end-to-end CPU demo on real small models and synthetic "
                                     "emotional speech")

@@ -14,7 +14,8 @@ INFERENCE_PATH = ("freezeempath_jax.inference", "freezeempath_jax.text",
                   "freezeempath_jax.checkpoints", "freezeempath_jax.models",
                   "freezeempath_jax.audio", "freezeempath_jax.sampling",
                   "freezeempath_jax.tree", "freezeempath_jax.params",
-                  "freezeempath_jax.sharding", "freezeempath_jax.distill")
+                  "freezeempath_jax.sharding", "freezeempath_jax.distill",
+                  "freezeempath_jax.evaluation")
 
 
 def _modules():

@@ -18,11 +18,12 @@ from freezeempath_jax.checkpoints.workdir import load_trained_params
 # tokenizers live in `freezeempath_jax.text`; load_tokenizer stays reachable here too
 from freezeempath_jax.text.tokenizers import load_tokenizer
 from freezeempath_jax.checkpoints.whisper import load_whisper_encoder, save_whisper_encoder_ct2
+from freezeempath_jax.checkpoints.whisper_decoder import load_whisper, load_whisper_decoder
 
 __all__ = [
     "CheckpointError", "Problem", "load_whisper_encoder", "load_causal_lm", "load_freezeempath",
     "parse_stream_params", "save_params", "restore_params", "save_config", "load_config",
     "load_converted", "merge_params", "convert", "converted_kind", "load_tokenizer",
     "load_trained_params", "CTranslate2Source", "write_model_bin",
-    "save_whisper_encoder_ct2",
+    "save_whisper_encoder_ct2", "load_whisper", "load_whisper_decoder",
 ]

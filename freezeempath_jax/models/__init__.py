@@ -4,16 +4,20 @@ from freezeempath_jax.models.adapters import ConvAdapter, FrameConcatProjector, 
 from freezeempath_jax.models.causal_lm import CausalLM, LMOutput, init_cache
 from freezeempath_jax.models.configs import (EMOTIONS, EmotionConfig, FreezeEmpathConfig,
                                              LMConfig, ProjectorConfig, SpeechDecoderConfig,
-                                             WhisperConfig, from_dict, to_dict)
+                                             WhisperConfig, WhisperDecoderConfig, from_dict,
+                                             to_dict)
 from freezeempath_jax.models.emotion import EmotionExtractor, EmotionOutput
 from freezeempath_jax.models.freezeempath import FreezeEmpath, FreezeEmpathOutput, splice
 from freezeempath_jax.models.speech_decoder import SpeechDecoder
 from freezeempath_jax.models.whisper import WhisperEncoder, WhisperOutput
+from freezeempath_jax.models.whisper_decoder import (DecoderOutput, WhisperDecoder,
+                                                      init_decoder_cache)
 
 __all__ = [
     "ConvAdapter", "FrameConcatProjector", "make_projector", "CausalLM", "LMOutput",
     "init_cache", "EMOTIONS", "EmotionConfig", "FreezeEmpathConfig", "LMConfig",
     "ProjectorConfig", "SpeechDecoderConfig", "WhisperConfig", "from_dict", "to_dict",
     "EmotionExtractor", "EmotionOutput", "FreezeEmpath", "FreezeEmpathOutput", "splice",
-    "SpeechDecoder", "WhisperEncoder", "WhisperOutput",
+    "SpeechDecoder", "WhisperEncoder", "WhisperOutput", "WhisperDecoder",
+    "WhisperDecoderConfig", "DecoderOutput", "init_decoder_cache",
 ]

@@ -77,6 +77,22 @@ class WhisperConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WhisperDecoderConfig:
+    """Whisper text decoder (the ASR half). Defaults are tiny.en (vocab 51864, d 384, 4
+    layers, 6 heads, 448 positions); multilingual vocabularies have 51865+ ids."""
+
+    vocab_size: int = 51864
+    d_model: int = 384
+    num_layers: int = 4
+    num_heads: int = 6
+    mlp_dim: int = 1536
+    max_target_positions: int = 448
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
 class LMConfig:
     """Decoder-only LM (Qwen2 and Llama families). Defaults are a tiny random test model."""
 
