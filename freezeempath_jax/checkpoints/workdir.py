@@ -119,6 +119,7 @@ def verify_state(state, expected: Optional[Mapping[str, str]], source: str) -> N
 def one_line(e: BaseException, limit: int = 240) -> str:
     """`Type: first line of the message`, cut to `limit` characters."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0]  # the rest is a bound-method repr
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
