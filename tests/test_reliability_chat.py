@@ -68,6 +68,7 @@ def test_bad_lines_are_error_records_and_the_rest_answered(tmp_path, monkeypatch
         json.dumps({"id": "oom", "audio": oom}).encode(),
         json.dumps({"id": "nan", "audio": nan_clip}).encode(),
         json.dumps({"id": "c", "audio": c}).encode(),
+        b'{"id": "\\ud800", "audio": "gone.wav"}',  # a lone surrogate: not writable as UTF-8
     ]
     manifest = tmp_path / "q.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
@@ -87,7 +88,7 @@ def test_bad_lines_are_error_records_and_the_rest_answered(tmp_path, monkeypatch
     rows = strict_lines(out)
     m = str(manifest)
     assert [r["question_id"] for r in rows] == [
-        "a", "line2", "line3", "line4", "line5", "line6", "b", "a", "oom", "nan", "c"]
+        "a", "line2", "line3", "line4", "line5", "line6", "b", "a", "oom", "nan", "c", "\ud800"]
     errors = {i: r["error"] for i, r in enumerate(rows, 1) if "error" in r}
     assert errors == {
         2: f"{m}:2: not UTF-8 text (byte 24)",
@@ -98,7 +99,9 @@ def test_bad_lines_are_error_records_and_the_rest_answered(tmp_path, monkeypatch
         8: f"{m}:8: duplicate id 'a', first used on line 1 (answered there only)",
         9: f"{oom}: MemoryError",
         10: "the model's emotion probabilities are not finite (NaN/inf): no answer written",
+        12: errors[12],
     }
+    assert "gone.wav" in errors[12]
     for i in (2, 3, 4, 5, 6):
         assert rows[i - 1]["audio"] is None
     assert failed == len(errors)

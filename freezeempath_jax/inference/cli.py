@@ -196,10 +196,15 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
         chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides)
     failed = 0
     base_key = jax.random.key(int(seed))
-    with open(output_path, "w") as out, tqdm(total=len(items), desc="chat", unit="item",
-                                             disable=not progress) as bar:
+    with open(output_path, "w", encoding="utf-8") as out, tqdm(
+            total=len(items), desc="chat", unit="item", disable=not progress) as bar:
         def write(rec):
-            out.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the input): escape it
+                line = json.dumps(rec, allow_nan=False)
+            out.write(line + "\n")
             out.flush()
 
         def error(item, msg):
