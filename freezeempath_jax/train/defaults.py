@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from typing import Any, Dict, Mapping, Optional
 
@@ -32,7 +33,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from freezeempath_jax import params as P_
+from freezeempath_jax.checkpoints.workdir import init_path
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dict, to_dtype
+from freezeempath_jax.real_models import MissingModelError
 from freezeempath_jax.sharding import DEFAULT_RULES
 from freezeempath_jax.train.losses import OBJECTIVES, STAGE_OBJECTIVES
 
@@ -296,7 +299,7 @@ def validate(config, workdir: Optional[str] = None) -> None:
     an unknown stage or data kind or objective or dtype, a missing recipe, a count below
     its minimum (steps 0, batch size 0, ...), a non-positive or non-finite learning rate /
     epoch count / clip length, a fraction outside [0, 1], a model section that does not
-    build, or a `workdir` that is a file. Cheap: run before any data or model work."""
+    build, a frozen part `init` names that cannot be found, or a `workdir` that is a file. Cheap: run before any data or model work."""
     try:
         stage = canonical_stage(config.stage)
     except ValueError as e:
@@ -307,16 +310,17 @@ def validate(config, workdir: Optional[str] = None) -> None:
                           f"{sorted(recipes)})")
     for section, key, low in _AT_LEAST:
         v = _field(config, section, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                              or v < low):
             raise ConfigError(f"config.{section}.{key}={v!r} must be an integer >= {low}")
     for section, key in _POSITIVE:
         v = _field(config, section, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
                               or not math.isfinite(v) or v <= 0):
             raise ConfigError(f"config.{section}.{key}={v!r} must be a number > 0")
     for section, key in _FRACTIONS:
         v = _field(config, section, key)
-        if v is not None and (not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+        if v is not None and (not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0):
             raise ConfigError(f"config.{section}.{key}={v!r} must be a fraction in [0, 1]")
     kind = _field(config, "data", "kind")
     if kind not in DATA_KINDS:
@@ -343,5 +347,13 @@ def validate(config, workdir: Optional[str] = None) -> None:
         resolve(config, num_train_examples=config.data.get("num_train_examples") or 1)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    init = config.get("init")
+    if init is not None:  # a missing frozen part fails now, not after the corpus is built
+        keys = ("freezeempath", "whisper") if init.get("freezeempath") else ("whisper", "llm")
+        for key in keys:
+            try:
+                init_path(init, key)
+            except (MissingModelError, ValueError) as e:
+                raise ConfigError(str(e)) from None
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"workdir {workdir!r} is a file, not a folder")
