@@ -299,7 +299,8 @@ def validate(config, workdir: Optional[str] = None) -> None:
     an unknown stage or data kind or objective or dtype, a missing recipe, a count below
     its minimum (steps 0, batch size 0, ...), a non-positive or non-finite learning rate /
     epoch count / clip length, a fraction outside [0, 1], a model section that does not
-    build, a frozen part `init` names that cannot be found, or a `workdir` that is a file. Cheap: run before any data or model work."""
+    build, a frozen part `init` names that cannot be found, or a `workdir` that is a file.
+    Cheap: run before any data or model work."""
     try:
         stage = canonical_stage(config.stage)
     except ValueError as e:
