@@ -28,10 +28,18 @@ def _distill(args):
 
 
 def _chat(args):
-    from freezeempath_jax.inference.cli import run_chat
-    failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      batch_size=args.batch_size)
+    from freezeempath_jax.checkpoints.errors import CheckpointError
+    from freezeempath_jax.inference.cli import ChatUsageError, run_chat
+    overrides = {k: v for k, v in (("llm", args.llm), ("whisper", args.whisper),
+                                   ("freezeempath", args.release)) if v}
+    try:
+        failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          batch_size=args.batch_size, init_overrides=overrides or None)
+    except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
+        # the user's paths (input, output, model and its frozen parts): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 
@@ -100,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--batch-size", type=int, default=4)
+    h.add_argument("--llm", default=None, metavar="PATH",
+                   help="frozen LLM checkpoint to use instead of the path or package the "
+                        "model's config names (init.llm)")
+    h.add_argument("--whisper", default=None, metavar="PATH",
+                   help="frozen Whisper encoder instead of the one the config names "
+                        "(init.whisper)")
+    h.add_argument("--release", default=None, metavar="PATH",
+                   help="FreezeEmpath release checkpoint instead of the one the config names "
+                        "(init.freezeempath)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

@@ -80,7 +80,7 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     import dataclasses
 
     from freezeempath_jax.models import presets
-    from freezeempath_jax.real_models import smollm2_gguf, whisper_tiny_en_ct2
+    from freezeempath_jax.real_models import model_spec, smollm2_gguf, whisper_tiny_en_ct2
     from freezeempath_jax.train import defaults
 
     size = "quick" if quick else "full"
@@ -104,8 +104,8 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     c.train.log_every = 4
     c.train.eval_batches = 2  # the demo scores every held-out clip itself afterwards
     c.train.seed = 0
-    c.init.whisper = whisper_tiny_en_ct2()
-    c.init.llm = smollm2_gguf()
+    # `pypi:` specs (checked installed now), so trained stages load in any environment
+    c.init.whisper, c.init.llm = model_spec(whisper_tiny_en_ct2()), model_spec(smollm2_gguf())
     c.init.previous = tuple(previous)
     d = c.data
     d.kind = "synthetic"

@@ -1,11 +1,19 @@
-"""`freezeempath-jax chat`: answers a manifest of spoken questions into a JSONL file."""
+"""`freezeempath-jax chat`: answers a manifest of spoken questions into a JSONL file.
+
+Nothing one input line holds can end the run: a line that is not UTF-8, not JSON, not a JSON
+object, names no audio, repeats an earlier id, or whose audio cannot be read or answered gets
+an error record and the rest are answered. Problems with the command itself (a missing input,
+an output that cannot be written, or the input as the output) are a `ChatUsageError` raised
+before the model loads.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import jax
 import numpy as np
@@ -18,36 +26,116 @@ from freezeempath_jax.inference.loading import load_chat_model
 log = logging.getLogger(__name__)
 
 
+class ChatUsageError(ValueError):
+    """The chat command cannot run as asked (input or output path); one line, raised before
+    the model loads."""
+
+
+def _reject_constant(name: str):
+    # json.loads accepts NaN / Infinity by default; such a record could never be echoed back
+    # as strict JSON, so it is refused like any other malformed line.
+    raise ValueError(f"non-finite number {name} is not JSON")
+
+
+def _line_error(input_path: str, n: int, msg: str) -> dict:
+    return {"id": f"line{n}", "audio": None, "error": f"{input_path}:{n}: {msg}"}
+
+
+def _id_key(qid) -> str:
+    # ids may be any JSON value (the release uses ints and strings); compare them as JSON
+    return json.dumps(qid, sort_keys=True)
+
+
 def read_items(input_path: str) -> List[dict]:
     """Items `{"id", "audio"}` of a JSONL manifest (release format; `question_id` and
     `speech` are accepted as aliases; relative audio paths resolve against the manifest's
-    folder when they do not exist as given) or of a single audio file."""
+    folder when they do not exist as given) or of a single audio file.
+
+    A line that cannot be used becomes an item with an `error` ("<file>:<line>: ..."):
+    bytes that are not UTF-8, text that is not JSON (NaN / Infinity included), JSON that is
+    not an object, no audio path, or an id an earlier line already used (only the first is
+    answered; a warning names both lines). A missing or unreadable input file is a
+    `ChatUsageError`.
+    """
     if not os.path.exists(input_path):
-        raise FileNotFoundError(f"--input {input_path!r} does not exist")
+        raise ChatUsageError(f"--input {input_path!r} does not exist")
+    if os.path.isdir(input_path):
+        raise ChatUsageError(f"--input {input_path!r} is a directory, not an audio file or a "
+                             "JSONL manifest")
     if not input_path.endswith((".jsonl", ".json")):
         return [{"id": os.path.splitext(os.path.basename(input_path))[0], "audio": input_path}]
     base = os.path.dirname(os.path.abspath(input_path))
-    items = []
-    with open(input_path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                items.append({"id": f"line{n}", "audio": None,
-                              "error": f"{input_path}:{n}: not JSON ({e})"})
-                continue
-            qid = rec.get("id", rec.get("question_id", f"line{n}"))
-            audio = rec.get("audio", rec.get("speech"))
-            item = {"id": qid, "audio": audio}
-            if not isinstance(audio, str) or not audio:
-                item["error"] = f"{input_path}:{n}: no 'audio' path in the record"
-            elif not os.path.isabs(audio) and not os.path.exists(audio):
-                item["audio"] = os.path.join(base, audio)
-                item["shown_audio"] = audio
-            items.append(item)
+    try:
+        with open(input_path, "rb") as f:  # bytes: one undecodable line must not end the read
+            raw_lines = f.read().splitlines()
+    except OSError as e:
+        raise ChatUsageError(f"--input {input_path!r} cannot be read: {e.strerror or e}") from e
+    items, first_line = [], {}
+    for n, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            items.append(_line_error(input_path, n, f"not UTF-8 text (byte {e.start})"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line, parse_constant=_reject_constant)
+        except ValueError as e:  # JSONDecodeError is a ValueError
+            items.append(_line_error(input_path, n, f"not JSON ({e})"))
+            continue
+        if not isinstance(rec, dict):
+            kind = "null" if rec is None else type(rec).__name__
+            items.append(_line_error(input_path, n, f"expected a JSON object "
+                                     f'{{"id": ..., "audio": ...}}, got {kind}'))
+            continue
+        qid = rec.get("id", rec.get("question_id", f"line{n}"))
+        audio = rec.get("audio", rec.get("speech"))
+        item = {"id": qid, "audio": audio}
+        key = _id_key(qid)
+        if key in first_line:
+            msg = (f"{input_path}:{n}: duplicate id {qid!r}, first used on line "
+                   f"{first_line[key]} (answered there only)")
+            log.warning("%s", msg)
+            item["error"] = msg
+        elif not isinstance(audio, str) or not audio:
+            item["error"] = f"{input_path}:{n}: no 'audio' path in the record"
+        elif not os.path.isabs(audio) and not os.path.exists(audio):
+            item["audio"] = os.path.join(base, audio)
+            item["shown_audio"] = audio
+        first_line.setdefault(key, n)
+        items.append(item)
     return items
+
+
+def check_output(output_path: str, input_path: Optional[str] = None) -> None:
+    """Raises `ChatUsageError` (one line) unless `output_path` can be written: not a
+    directory, not the input file itself, its folder a directory that exists or can be
+    created and is writable. Creates the folder; logs a warning when an existing file will
+    be replaced. Called before the model loads, so a bad path costs no loading time."""
+    out = os.path.abspath(output_path)
+    if os.path.isdir(out):
+        raise ChatUsageError(f"--output {output_path!r} is a directory; give a file path")
+    if input_path is not None and os.path.realpath(out) == os.path.realpath(input_path):
+        raise ChatUsageError(f"--output {output_path!r} is the input file; writing answers "
+                             "there would destroy the questions: choose another path")
+    parent = os.path.dirname(out)
+    existing = parent
+    while not os.path.exists(existing):  # the nearest folder that exists decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ChatUsageError(f"--output {output_path!r}: {existing!r} is a file, not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ChatUsageError(f"--output {output_path!r}: cannot create {parent!r} "
+                             f"({e.strerror or e})") from e
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ChatUsageError(f"--output {output_path!r}: folder {parent!r} is not writable")
+    if os.path.exists(out):
+        if not os.access(out, os.W_OK):
+            raise ChatUsageError(f"--output {output_path!r} exists and is not writable")
+        log.warning("replacing the existing file %s", output_path)
 
 
 def _load_checked(path: str, max_seconds: float) -> np.ndarray:
@@ -59,32 +147,64 @@ def _load_checked(path: str, max_seconds: float) -> np.ndarray:
     return audio
 
 
+def _item_failure(item: dict, e: BaseException) -> str:
+    """The error text of an item whose audio could not be read."""
+    if isinstance(e, (ValueError, OSError)):  # these messages name the file already
+        return str(e)
+    # MemoryError and the like usually carry no text; name the file and the kind
+    return f"{item['audio']}: {type(e).__name__}: {e}".rstrip(": ")
+
+
+def _answer_record(item: dict, reply) -> Dict:
+    """The output line of an answered item; ValueError when the reply cannot be written
+    as strict JSON (non-finite emotion probabilities)."""
+    probs = {k: float(v) for k, v in reply.probabilities.items()}
+    if not all(math.isfinite(p) for p in probs.values()):
+        raise ValueError("the model's emotion probabilities are not finite (NaN/inf): no "
+                         "answer written")
+    return {"question_id": item["id"], "audio": item.get("shown_audio", item["audio"]),
+            "prediction": reply.text,
+            "prediction_units": None if reply.units is None else " ".join(
+                str(u) for u in reply.units),
+            "emotion": {"label": reply.emotion, "probabilities": probs}}
+
+
 def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              temperature: float = 0.7, max_new_tokens: int = 256, seed: int = 42,
              batch_size: int = 4, top_k: Optional[int] = None, top_p: Optional[float] = None,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
-             speech: bool = True) -> int:
+             speech: bool = True, init_overrides: Optional[Dict[str, str]] = None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
 
-    Output lines: `question_id`, `audio`, `prediction` (text), `prediction_units` (space-
-    separated unit ids as the release writes them; null without a speech decoder),
-    `emotion` ({"label", "probabilities"}); a failed item (missing, unreadable or empty
-    audio, over `max_seconds`) gets `error` instead and the others go on. Batches are
-    padded to `batch_size` so one compiled shape serves all; batch i samples with
-    fold_in(key(seed), i).
+    Output lines (strict JSON: never NaN): `question_id`, `audio`, `prediction` (text),
+    `prediction_units` (space-separated unit ids as the release writes them; null without a
+    speech decoder), `emotion` ({"label", "probabilities"}); a failed item (a malformed or
+    duplicate manifest line, missing, unreadable or empty audio, over `max_seconds`, any
+    error while reading it, non-finite probabilities) gets `error` instead and the others go
+    on. The input and output paths are checked before the model loads (`ChatUsageError`).
+    Batches are padded to `batch_size` so one compiled shape serves all; batch i samples
+    with fold_in(key(seed), i). `init_overrides` ({"llm": path, "whisper": path, ...})
+    replaces frozen-part paths a training config names (see `load_chat_model`).
     """
     items = read_items(input_path)
-    chat_model = (model_path_or_config if isinstance(model_path_or_config, ChatModel)
-                  else load_chat_model(model_path_or_config))
+    check_output(output_path, input_path)
+    if isinstance(model_path_or_config, ChatModel):
+        chat_model = model_path_or_config
+    else:
+        chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides)
     failed = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     base_key = jax.random.key(int(seed))
-    with open(output_path, "w") as out, tqdm(total=len(items), desc="chat", unit="item",
-                                             disable=not progress) as bar:
+    with open(output_path, "w", encoding="utf-8") as out, tqdm(
+            total=len(items), desc="chat", unit="item", disable=not progress) as bar:
         def write(rec):
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the input): escape it
+                line = json.dumps(rec, allow_nan=False)
+            out.write(line + "\n")
             out.flush()
 
         def error(item, msg):
@@ -102,8 +222,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
                 try:
                     audios.append(_load_checked(it["audio"], max_seconds))
                     good.append(it)
-                except (ValueError, OSError) as e:
-                    it["error"] = str(e)
+                except Exception as e:  # MemoryError included: one item, not the run
+                    it["error"] = _item_failure(it, e)
             results = {}
             if good:
                 try:
@@ -117,14 +237,12 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
                     for it in good:
                         it["error"] = f"{type(e).__name__}: {e}"
             for it in batch:
-                if "error" in it:
-                    error(it, it["error"])
-                    continue
-                r = results[id(it)]
-                write({"question_id": it["id"], "audio": it.get("shown_audio", it["audio"]),
-                       "prediction": r.text,
-                       "prediction_units": None if r.units is None else " ".join(
-                           str(u) for u in r.units),
-                       "emotion": {"label": r.emotion, "probabilities": r.probabilities}})
+                if "error" not in it:
+                    try:
+                        write(_answer_record(it, results[id(it)]))
+                        continue
+                    except (ValueError, TypeError) as e:  # not writable as strict JSON
+                        it["error"] = str(e)
+                error(it, it["error"])
             bar.update(len(batch))
     return failed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,10 @@ from flax import linen as nn
 
 from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params, init_missing
 from freezeempath_jax.checkpoints.orbax_io import load_converted
-from freezeempath_jax.checkpoints.workdir import load_init_parts
+from freezeempath_jax.checkpoints.workdir import init_path, load_init_parts
 from freezeempath_jax.inference.chat import MAX_SECONDS, ChatModel
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dict, to_dtype
+from freezeempath_jax.real_models import is_spec, resolve_model_path
 from freezeempath_jax.text.tokenizers import load_tokenizer, make_tokenizer
 from freezeempath_jax.tree import cast_floating, flatten_with_paths, unflatten
 
@@ -42,25 +43,33 @@ def load_config_file(path: str):
     return mod.get_config() if arg is None else mod.get_config(arg)
 
 
-def model_from_training_config(cfg, workdir: Optional[str] = None, **kwargs) -> ChatModel:
+def model_from_training_config(cfg, workdir: Optional[str] = None,
+                               init_overrides: Optional[Mapping[str, str]] = None,
+                               **kwargs) -> ChatModel:
     """A ChatModel from a training config (ConfigDict or dict): the parts `config.init` names
     (and the trained parts of `init.previous` workdirs and of `workdir`), restored straight
     into the model's tree; only parts no source holds are initialised randomly, as the
     trainer initialises them (seeded by `train.seed`). Everything is cast to
-    `train.frozen_dtype` (float32 when unset)."""
+    `train.frozen_dtype` (float32 when unset). `init_overrides` ({"llm" | "whisper" |
+    "freezeempath": path}) replaces what `config.init` names; `pypi:` package specs there
+    resolve in this environment (`real_models.resolve_model_path`)."""
     get = _getter(cfg)
     model_cfg = from_dict(FreezeEmpathConfig, get(cfg, "model"))
     train, data, init = (get(cfg, "train", {}) or {}, get(cfg, "data", {}) or {},
                          get(cfg, "init", {}) or {})
     dtype = to_dtype(get(train, "frozen_dtype", "float32") or "float32")
-    params = _assemble(model_cfg, load_init_parts(init, dtype, [workdir] if workdir else []),
+    params = _assemble(model_cfg, load_init_parts(init, dtype, [workdir] if workdir else [],
+                                                  overrides=init_overrides),
                        int(get(train, "seed", 0) or 0), dtype)
     spec = get(data, "tokenizer", "byte") or "byte"
     if spec == "auto":  # as the trainer reads it: the tokenizer stored with the LLM weights
-        spec = get(init, "freezeempath") or get(init, "llm")
+        spec = (init_path(init, "freezeempath", init_overrides)
+                or init_path(init, "llm", init_overrides))
         if not spec:
             raise ValueError("data.tokenizer='auto' takes the tokenizer of init.llm or "
                              "init.freezeempath, but neither is set")
+    elif is_spec(spec):
+        spec = resolve_model_path(spec)
     tok = make_tokenizer(model_cfg, spec)
     kwargs.setdefault("chat_template", get(data, "chat_template", "plain") or "plain")
     kwargs.setdefault("audio_seconds", float(get(data, "audio_seconds", MAX_SECONDS)
@@ -92,22 +101,31 @@ def _assemble(model_cfg: FreezeEmpathConfig, loaded: dict, seed: int, dtype) -> 
     return cast_floating(unflatten({k: flat[k] for k in want}), dtype)
 
 
-def load_chat_model(model: Union[str, os.PathLike, FreezeEmpathConfig], **kwargs) -> ChatModel:
+def load_chat_model(model: Union[str, os.PathLike, FreezeEmpathConfig],
+                    init_overrides: Optional[Mapping[str, str]] = None, **kwargs) -> ChatModel:
     """A ChatModel from a config file (`configs/*.py`), a training workdir (config.json +
     checkpoints/) or a converted checkpoint directory (the checkpoints package's format).
-    kwargs go to `ChatModel` (history, max_context, ...)."""
+
+    init_overrides: {"llm" | "whisper" | "freezeempath": path} used instead of the frozen
+    parts a config or workdir names (`chat --llm / --whisper / --release`): a checkpoint
+    trained in another environment. A frozen part that cannot be found raises one
+    `MissingModelError` line naming the config key, the path and the flag. kwargs go to
+    `ChatModel` (history, max_context, ...)."""
     if isinstance(model, FreezeEmpathConfig):
         return model_from_training_config({"model": to_dict(model)}, **kwargs)
     path = os.fspath(model)
     if path.split(":")[0].endswith(".py"):
-        return model_from_training_config(load_config_file(path), **kwargs)
+        return model_from_training_config(load_config_file(path),
+                                          init_overrides=init_overrides, **kwargs)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path!r}: not a config file (.py) or a checkpoint "
                                 "directory")
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
             os.path.join(path, "checkpoints")):
         with open(os.path.join(path, "config.json")) as f:
-            return model_from_training_config(json.load(f), workdir=path, **kwargs)
+            cfg = json.load(f)
+        return model_from_training_config(cfg, workdir=path, init_overrides=init_overrides,
+                                          **kwargs)
     kind, config, params = load_converted(path)
     if kind != "freezeempath":
         raise ValueError(f"{path!r} holds a converted {kind!r} checkpoint; chat needs a full "

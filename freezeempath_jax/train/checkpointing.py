@@ -6,11 +6,16 @@ One checkpoint holds three items:
   data:  the data iterator's position, one JSON file per host (`process_<i>-of-<n>.json`),
          so each host resumes its own stream (grain iterators and `batches.MemorySource`
          alike: anything with `get_state()` / `set_state()`);
-  meta:  JSON: stage, step, the resolved config and the last metrics (for people and tools).
+  meta:  JSON: stage, step, the resolved config and the last metrics (for people and tools),
+         and `checksums`: sha256 of each state leaf's host bytes, taken from the very arrays
+         handed to the (async) save, so a restore can prove it read back what was written.
 Frozen parameters are never written: they are reloaded from their source (a converted
 checkpoint, or the seed for random tiny models).
 
-Saves keep the newest `keep` checkpoints. `Preemption` turns SIGTERM into a flag the loop
+Restoring verifies those checksums; a damaged newest step (unreadable, truncated, missing an
+item, or silently different bytes) is moved to `<workdir>/damaged_checkpoints/` with a warning
+and the newest intact step is used (`restore_newest`). Saves keep the newest `keep`
+checkpoints. `Preemption` turns SIGTERM into a flag the loop
 polls, so the loop can save and exit cleanly.
 """
 
@@ -18,8 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import shutil
 import signal
 import threading
+import time
 from typing import Any, Mapping, Optional, Tuple
 
 import jax
@@ -27,7 +36,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
-from freezeempath_jax.checkpoints.workdir import DATA, META, STATE, checkpoint_dir  # noqa: F401
+from freezeempath_jax.checkpoints.workdir import (CHECKSUMS, DATA, META, STATE,  # noqa: F401
+                                                  CheckpointIntegrityError, checkpoint_dir,
+                                                  newest_intact, state_checksums,
+                                                  verify_state)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,24 +118,60 @@ class Checkpointer:
     def save(self, step: int, state, data_source, meta: Mapping[str, Any],
              force: bool = True) -> bool:
         """Starts saving `state` at `step` (returns once device buffers are copied; the
-        write continues in the background with async saves)."""
+        write continues in the background with async saves). The meta item gets the state's
+        checksums, computed here from the same arrays before the write starts."""
+        meta = dict(meta)
+        meta[CHECKSUMS] = state_checksums(state)
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA: DataStateSave(data_source),
-            META: ocp.args.JsonSave(_jsonable(dict(meta))),
+            META: ocp.args.JsonSave(_jsonable(meta)),
         })
         return self.manager.save(int(step), args=args, force=force)
 
     def restore(self, step: int, abstract_state, data_source) -> Tuple[Any, dict]:
-        """(state, meta) at `step`; `abstract_state` holds ShapeDtypeStructs with shardings
-        (the state is read directly into them); `data_source.set_state` is called."""
+        """(state, meta) at `step`, verified against the checksums saved with it
+        (`CheckpointIntegrityError` when it differs); `abstract_state` holds
+        ShapeDtypeStructs with shardings (the state is read directly into them);
+        `data_source.set_state` is called."""
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state),
             DATA: DataStateRestore(data_source),
             META: ocp.args.JsonRestore(),
         })
         out = self.manager.restore(int(step), args=args)
-        return out[STATE], dict(out[META] or {})
+        meta = dict(out[META] or {})
+        verify_state(out[STATE], meta.get(CHECKSUMS), f"{self.directory}/{int(step)}")
+        return out[STATE], meta
+
+    def restore_newest(self, abstract_state, data_source) -> Tuple[Optional[int], Any, dict]:
+        """(step, state, meta) of the newest checkpoint that restores and verifies, or
+        (None, None, {}) when there is none. Damaged newer steps are logged (a warning
+        naming each) and moved to `<workdir>/damaged_checkpoints/` so training can write
+        those steps again; `CheckpointIntegrityError` (one line) when every step is
+        damaged."""
+        steps = self.manager.all_steps()
+        if not steps:
+            return None, None, {}
+        step, (state, meta), bad = newest_intact(
+            self.directory, steps,
+            lambda s: self.restore(s, abstract_state, data_source))
+        if bad:
+            self._set_aside([s for s, _ in bad])
+        return step, state, meta
+
+    def _set_aside(self, steps):
+        """Moves damaged step folders out of the manager's way (kept for inspection)."""
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                if os.path.exists(src):
+                    dst = os.path.join(aside, f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+                    shutil.move(src, dst)
+                    log.warning("moved damaged checkpoint step %d to %s", s, dst)
+        self.manager.reload()
 
     def wait(self):
         """Blocks until every pending save is on disk."""

@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import os
 from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 from ml_collections import config_dict
 
 from freezeempath_jax import params as P_
-from freezeempath_jax.models.configs import to_dict
+from freezeempath_jax.checkpoints.workdir import init_path
+from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dict, to_dtype
+from freezeempath_jax.real_models import MissingModelError
 from freezeempath_jax.sharding import DEFAULT_RULES
-from freezeempath_jax.train.losses import STAGE_OBJECTIVES
+from freezeempath_jax.train.losses import OBJECTIVES, STAGE_OBJECTIVES
 
 # Stage names the trainer knows; "3" is shorthand for "3a" (speech decoder on TTS units).
 STAGES = ("1", "2a", "2b", "3a", "3b")
@@ -266,3 +270,95 @@ def train_config_from(cfg) -> Dict[str, Any]:
         sharding_overrides=(tuple(tuple(e) for e in cfg.mesh.overrides)
                             if cfg.mesh.get("overrides") else None),
         seed=int(t.seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before any work
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message is one line naming the field."""
+
+
+DATA_KINDS = ("synthetic", "manifest", "noise", "memory")
+# (section, key, lowest allowed value) of numeric fields; None values are left to `resolve`.
+_AT_LEAST = (
+    ("train", "steps", 1), ("train", "batch_size", 1), ("train", "grad_accum", 1),
+    ("train", "eval_every", 1), ("train", "ckpt_every", 1), ("train", "log_every", 1),
+    ("train", "keep", 1), ("train", "eval_batches", 0), ("data", "target_len", 1),
+    ("data", "teacher_len", 1), ("data", "units_len", 1), ("data", "num_threads", 0),
+    ("data", "num_workers", 0),
+)
+_POSITIVE = (("train", "epochs"), ("train", "lr"), ("data", "audio_seconds"))
+_FRACTIONS = (("train", "warmup_frac"), ("train", "end_lr_frac"), ("loss", "mix_2a"))
+
+
+def _field(config, section: str, key: str):
+    node = config.get(section) if hasattr(config, "get") else None
+    return None if node is None or not hasattr(node, "get") else node.get(key)
+
+
+def validate(config, workdir: Optional[str] = None) -> None:
+    """Raises `ConfigError` (one line, naming the field) for a config that could not train:
+    an unknown stage or data kind or objective or dtype, a missing recipe, a count below
+    its minimum (steps 0, batch size 0, ...), a non-positive or non-finite learning rate /
+    epoch count / clip length, a fraction outside [0, 1], a model section that does not
+    build, a frozen part `init` names that cannot be found, or a `workdir` that is a file.
+    Cheap: run before any data or model work."""
+    try:
+        stage = canonical_stage(config.stage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    recipes = config.get("recipes") or {}
+    if stage not in recipes:
+        raise ConfigError(f"config.recipes has no recipe for stage {stage!r} (it has "
+                          f"{sorted(recipes)})")
+    for section, key, low in _AT_LEAST:
+        v = _field(config, section, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                              or v < low):
+            raise ConfigError(f"config.{section}.{key}={v!r} must be an integer >= {low}")
+    for section, key in _POSITIVE:
+        v = _field(config, section, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                              or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"config.{section}.{key}={v!r} must be a number > 0")
+    for section, key in _FRACTIONS:
+        v = _field(config, section, key)
+        if v is not None and (not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0):
+            raise ConfigError(f"config.{section}.{key}={v!r} must be a fraction in [0, 1]")
+    kind = _field(config, "data", "kind")
+    if kind not in DATA_KINDS:
+        raise ConfigError(f"config.data.kind={kind!r} is unknown; choose one of "
+                          f"{list(DATA_KINDS)}")
+    objective = _field(config, "loss", "objective")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"config.loss.objective={objective!r} is unknown; choose one of "
+                          f"{list(OBJECTIVES)}")
+    for key in ("frozen_dtype", "compute_dtype"):
+        v = _field(config, "train", key)
+        if v is not None:
+            try:
+                to_dtype(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config.train.{key}={v!r} is not a dtype name (float32, "
+                                  "bfloat16, float16)") from None
+    try:
+        from_dict(FreezeEmpathConfig, config.model)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"config.model does not build a FreezeEmpathConfig: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:  # recipe keys, lr / batch size set, batch divisible by grad_accum
+        resolve(config, num_train_examples=config.data.get("num_train_examples") or 1)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    init = config.get("init")
+    if init is not None:  # a missing frozen part fails now, not after the corpus is built
+        keys = ("freezeempath", "whisper") if init.get("freezeempath") else ("whisper", "llm")
+        for key in keys:
+            try:
+                init_path(init, key)
+            except (MissingModelError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} is a file, not a folder")

