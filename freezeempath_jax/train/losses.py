@@ -187,11 +187,11 @@ def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
 
 
 def align_ctc(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None, *,
-              blank_logit: float = -2.0) -> Tuple[jax.Array, Sums]:
+              blank_logit: float = -2.0, temperature: float = 1.0) -> Tuple[jax.Array, Sums]:
     """Content alignment without the LLM: CTC of the speech embeddings [B, S, H] against the
     transcript's token ids, scored through the frozen LLM's own input embedding table [V, H].
 
-    A speech position's logit for token v is `-||speech - E_v||^2`: the loss pulls positions
+    A speech position's logit for token v is `-||speech - E_v||^2 / temperature`: the loss pulls positions
     onto the embeddings of the transcript's tokens, in order, so the frozen LLM reads the
     speech much as it would read the transcript. CTC's blank has the constant logit
     `blank_logit` (a position farther than sqrt(-blank_logit) from every token embedding is a
@@ -212,7 +212,7 @@ def align_ctc(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None,
     e = embed_table.astype(jnp.float32)
     # -||h - e||^2 = 2 h.e - |h|^2 - |e|^2 : one matrix product over the vocabulary
     logits = (2.0 * jnp.einsum("bsh,vh->bsv", h, e) - jnp.sum(h * h, -1, keepdims=True)
-              - jnp.sum(e * e, -1)[None, None, :])
+              - jnp.sum(e * e, -1)[None, None, :]) / temperature
     blank = jnp.full(logits.shape[:2] + (1,), blank_logit, jnp.float32)
     logits = jnp.concatenate([blank, logits], axis=-1)  # blank is class 0, token v is v + 1
     per_row = optax.ctc_loss(logits, jnp.zeros(logits.shape[:2], jnp.float32), labels + 1,
