@@ -24,3 +24,8 @@ __all__ = [
     "build_prompt_ids", "chat_text", "left_pad", "CTranslate2Source", "write_model_bin",
     "save_whisper_encoder_ct2",
 ]
+
+# units-to-waveform decoder
+from freezeempath_jax.checkpoints.bigvgan import load_bigvgan  # noqa: E402
+
+__all__ += ["load_bigvgan"]

@@ -17,3 +17,12 @@ __all__ = [
     "EmotionExtractor", "EmotionOutput", "FreezeEmpath", "FreezeEmpathOutput", "splice",
     "SpeechDecoder", "WhisperEncoder", "WhisperOutput",
 ]
+
+# units-to-waveform decoder (the release's IndexTTS2-derived vocoder chain)
+from freezeempath_jax.models.bigvgan import BigVGAN  # noqa: E402
+from freezeempath_jax.models.configs import (BigVGANConfig, DiTConfig,  # noqa: E402
+                                             LengthRegulatorConfig, SemanticCodecConfig,
+                                             UnitDecoderConfig)
+
+__all__ += ["BigVGAN", "BigVGANConfig", "DiTConfig", "LengthRegulatorConfig",
+            "SemanticCodecConfig", "UnitDecoderConfig"]
