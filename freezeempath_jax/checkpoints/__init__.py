@@ -27,5 +27,6 @@ __all__ = [
 
 # units-to-waveform decoder
 from freezeempath_jax.checkpoints.bigvgan import load_bigvgan  # noqa: E402
+from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder  # noqa: E402
 
-__all__ += ["load_bigvgan"]
+__all__ += ["load_bigvgan", "load_unit_decoder"]

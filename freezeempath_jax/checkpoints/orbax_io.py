@@ -27,7 +27,8 @@ FORMAT = "freezeempath-jax"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
-KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig}
+KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig,
+         "unit_decoder": C.UnitDecoderConfig}
 
 
 def _is_leaf(x):
@@ -229,7 +230,8 @@ def load_converted_part(path, kind: str, dtype_of, *, shardings=None, mesh=None,
 
 def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[str] = None,
             frozen_dtype=None, tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
-    """Converts a checkpoint of `kind` ("whisper", "llm" or "freezeempath") at `src` into our
+    """Converts a checkpoint of `kind` ("whisper", "llm", "freezeempath" or "unit_decoder",
+    the release's units-to-waveform folder) at `src` into our
     format under `out_dir` and returns `out_dir`.
 
     dtype: parameter dtype (default float32; for "freezeempath" the trainable parts, with
@@ -252,13 +254,17 @@ def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[
         config, params = load_whisper_encoder(src, dtype)
     elif kind == "llm":
         config, params = load_causal_lm(src, dtype)
+    elif kind == "unit_decoder":
+        from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder
+
+        config, params = load_unit_decoder(src, dtype)
     else:
         config, params = load_freezeempath(
             src, whisper=whisper, dtype=dtype,
             frozen_dtype=jnp.bfloat16 if frozen_dtype is None else frozen_dtype)
     save_params(out_dir, params, config=config, kind=kind, overwrite=overwrite,
                 extra={"source": os.path.abspath(os.fspath(src))})
-    if tokenizer is None and kind != "whisper":
+    if tokenizer is None and kind not in ("whisper", "unit_decoder"):
         if tk.has_tokenizer(src):
             tokenizer = src
         elif kind == "llm" and find_gguf(src) and _gguf_has_tokenizer(find_gguf(src)):
