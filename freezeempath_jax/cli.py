@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a checkpoint (HF, OpenAI .pt, CTranslate2, GGUF, "
                                        "FreezeEmpath release) into this project's orbax format")
-    c.add_argument("--kind", choices=["whisper", "llm", "freezeempath"], required=True)
+    c.add_argument("--kind", choices=["whisper", "llm", "freezeempath", "unit_decoder"],
+                   required=True)
     c.add_argument("--from", dest="src", required=True, help="input file or directory")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--dtype", default=None, help="parameter dtype (default: float32 for small "

@@ -27,3 +27,9 @@ __all__ = [
     "load_trained_params", "CTranslate2Source", "write_model_bin",
     "save_whisper_encoder_ct2", "load_whisper", "load_whisper_decoder",
 ]
+
+# units-to-waveform decoder
+from freezeempath_jax.checkpoints.bigvgan import load_bigvgan  # noqa: E402
+from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder  # noqa: E402
+
+__all__ += ["load_bigvgan", "load_unit_decoder"]

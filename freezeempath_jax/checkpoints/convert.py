@@ -14,6 +14,7 @@ from freezeempath_jax.checkpoints.formats import KINDS, TOKENIZER_DIR
 from freezeempath_jax.checkpoints.gguf_io import GGUFSource
 from freezeempath_jax.checkpoints.orbax_io import save_params
 from freezeempath_jax.checkpoints.release import load_freezeempath
+from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder
 from freezeempath_jax.checkpoints.whisper import load_whisper_encoder
 # the module, not its names: the checkpoints package may be initialised while `text.tokenizers`
 # is still being imported (it reads `checkpoints.errors`), and names are only read at call time
@@ -22,8 +23,9 @@ from freezeempath_jax.text import tokenizers as tk
 
 def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[str] = None,
             frozen_dtype=None, tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
-    """Converts a checkpoint of `kind` ("whisper", "llm" or "freezeempath") at `src` into our
-    format under `out_dir` and returns `out_dir`.
+    """Converts a checkpoint of `kind` ("whisper", "llm", "freezeempath" or "unit_decoder",
+    the release's units-to-waveform folder) at `src` into our format under `out_dir` and
+    returns `out_dir`.
 
     dtype: parameter dtype (default float32; for "freezeempath" the trainable parts, with
     `frozen_dtype` for the Whisper encoder and LLM, bf16 by default).
@@ -38,13 +40,15 @@ def convert(kind: str, src: str, out_dir: str, dtype=None, *, whisper: Optional[
         config, params = load_whisper_encoder(src, dtype)
     elif kind == "llm":
         config, params = load_causal_lm(src, dtype)
+    elif kind == "unit_decoder":
+        config, params = load_unit_decoder(src, dtype)
     else:
         config, params = load_freezeempath(
             src, whisper=whisper, dtype=dtype,
             frozen_dtype=jnp.bfloat16 if frozen_dtype is None else frozen_dtype)
     save_params(out_dir, params, config=config, kind=kind, overwrite=overwrite,
                 extra={"source": os.path.abspath(os.fspath(src))})
-    if tokenizer is None and kind != "whisper":
+    if tokenizer is None and kind not in ("whisper", "unit_decoder"):
         if tk.has_tokenizer(src):
             tokenizer = src
         elif kind == "llm" and find_gguf(src) and _gguf_has_tokenizer(find_gguf(src)):

@@ -22,7 +22,8 @@ FORMAT = "freezeempath-jax"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
-KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig}
+KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig,
+         "unit_decoder": C.UnitDecoderConfig}
 
 
 def save_config(directory: str, config, kind: Optional[str] = None, *,

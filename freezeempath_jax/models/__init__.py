@@ -21,3 +21,17 @@ __all__ = [
     "SpeechDecoder", "WhisperEncoder", "WhisperOutput", "WhisperDecoder",
     "WhisperDecoderConfig", "DecoderOutput", "init_decoder_cache",
 ]
+
+# units-to-waveform decoder (the release's IndexTTS2-derived vocoder chain)
+from freezeempath_jax.models.bigvgan import BigVGAN  # noqa: E402
+from freezeempath_jax.models.dit import DiT  # noqa: E402
+from freezeempath_jax.models.length_regulator import LengthRegulator  # noqa: E402
+from freezeempath_jax.models.semantic_codec import SemanticCodebook  # noqa: E402
+from freezeempath_jax.models.unit_decoder import decode_units, stream_units  # noqa: E402
+from freezeempath_jax.models.configs import (BigVGANConfig, DiTConfig,  # noqa: E402
+                                             LengthRegulatorConfig, SemanticCodecConfig,
+                                             UnitDecoderConfig)
+
+__all__ += ["BigVGAN", "DiT", "LengthRegulator", "SemanticCodebook", "decode_units",
+            "stream_units", "BigVGANConfig", "DiTConfig", "LengthRegulatorConfig",
+            "SemanticCodecConfig", "UnitDecoderConfig"]

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 # Class order of the released SER head.
 EMOTIONS: Tuple[str, ...] = ("angry", "surprised", "happy", "sad", "neutral")
@@ -207,6 +208,10 @@ _NESTED = {
     "llm": LMConfig,
     "lm": LMConfig,
     "speech_decoder": SpeechDecoderConfig,
+    "codec": "SemanticCodecConfig",
+    "length_regulator": "LengthRegulatorConfig",
+    "dit": "DiTConfig",
+    "bigvgan": "BigVGANConfig",
 }
 
 
@@ -228,7 +233,8 @@ def from_dict(cls, d: Optional[Mapping[str, Any]]):
     kwargs = {}
     for k, v in d.items():
         if k in _NESTED and v is not None and not dataclasses.is_dataclass(v):
-            v = from_dict(_NESTED[k], v)
+            sub = _NESTED[k]
+            v = from_dict(globals()[sub] if isinstance(sub, str) else sub, v)
         elif isinstance(v, list):
             v = tuple(v)
         kwargs[k] = v
@@ -246,3 +252,125 @@ def to_dict(cfg) -> dict:
             v = list(v)
         out[f.name] = v
     return out
+
+
+# ---- units-to-waveform decoder (the release's IndexTTS2-derived vocoder chain) ----
+
+
+def _tuples(x):
+    """Nested lists (as JSON / YAML give them) -> nested tuples, so configs stay hashable."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclasses.dataclass(frozen=True)
+class BigVGANConfig:
+    """BigVGAN v2 generator. Defaults are `bigvgan_v2_22khz_80band_256x`."""
+
+    num_mels: int = 80
+    upsample_rates: Tuple[int, ...] = (4, 4, 2, 2, 2, 2)
+    upsample_kernel_sizes: Tuple[int, ...] = (8, 8, 4, 4, 4, 4)
+    upsample_initial_channel: int = 1536
+    resblock: str = "1"  # "1": AMP blocks with a second dilation-1 conv per layer; "2": without
+    resblock_kernel_sizes: Tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: Tuple[Tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    activation: str = "snakebeta"  # "snake" | "snakebeta"
+    snake_logscale: bool = True
+    use_tanh_at_final: bool = False
+    use_bias_at_final: bool = False
+    sampling_rate: int = 22050
+    # the anti-aliased activation: 2x up, activation, 2x down with 12-tap Kaiser-sinc filters
+    aa_ratio: int = 2
+    aa_kernel_size: int = 12
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes",
+                     "resblock_dilation_sizes"):
+            object.__setattr__(self, name, _tuples(getattr(self, name)))
+        object.__setattr__(self, "resblock", str(self.resblock))
+
+    @property
+    def hop_length(self) -> int:
+        return int(np.prod(self.upsample_rates))
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticCodecConfig:
+    """The codebook side of MaskGCT's RepCodec (all the decoder needs: `vq2emb`)."""
+
+    codebook_size: int = 8192
+    codebook_dim: int = 8
+    hidden_size: int = 1024
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthRegulatorConfig:
+    """IndexTTS2's InterpolateRegulator for continuous input (no f0, no VQ)."""
+
+    channels: int = 512
+    in_channels: int = 1024
+    sampling_ratios: Tuple[int, ...] = (1, 1, 1, 1)  # one conv/GroupNorm/Mish block each
+    groups: int = 1
+    out_channels: Optional[int] = None  # None: `channels`
+    group_norm_eps: float = 1e-5
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sampling_ratios", _tuples(self.sampling_ratios))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """IndexTTS2's DiT estimator (gpt-fast style transformer + WaveNet tail). Defaults are
+    the release's `s2mel` values (checkpoints/config.yaml of IndexTTS2)."""
+
+    hidden_dim: int = 512
+    num_heads: int = 8
+    depth: int = 13
+    in_channels: int = 80
+    content_dim: int = 512
+    style_dim: int = 192
+    style_condition: bool = True
+    style_as_token: bool = False
+    time_as_token: bool = False
+    uvit_skip_connection: bool = True
+    long_skip_connection: bool = True
+    final_layer_type: str = "wavenet"  # "wavenet" | "mlp"
+    wavenet_hidden_dim: int = 512
+    wavenet_num_layers: int = 8
+    wavenet_kernel_size: int = 5
+    wavenet_dilation_rate: int = 1
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    frequency_embedding_size: int = 256
+    dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        # gpt-fast's rule: 2/3 of 4 * dim, rounded up to a multiple of 256
+        n = int(2 * 4 * self.hidden_dim / 3)
+        return n if n % 256 == 0 else n + 256 - n % 256
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitDecoderConfig:
+    """Units -> 22,050 Hz waveform: codebook lookup, length regulator, CFM with the DiT,
+    BigVGAN, and the release's decoding constants."""
+
+    codec: SemanticCodecConfig = dataclasses.field(default_factory=SemanticCodecConfig)
+    length_regulator: LengthRegulatorConfig = dataclasses.field(
+        default_factory=LengthRegulatorConfig)
+    dit: DiTConfig = dataclasses.field(default_factory=DiTConfig)
+    bigvgan: BigVGANConfig = dataclasses.field(default_factory=BigVGANConfig)
+    prompt_frames: int = 0  # frames of the fixed voice's ref_mel / prompt_condition
+    diffusion_steps: int = 25
+    cfg_rate: float = 0.7
+    frames_per_unit: float = 1.72  # 50 Hz units -> 22050/256 Hz mel frames
+    max_chunk_units: int = 1500
+    silence_seconds: float = 0.2
+    length_bucket: int = 64  # unit lengths are padded up to a multiple of this under jit
