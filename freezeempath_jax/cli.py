@@ -35,7 +35,8 @@ def _chat(args):
     try:
         failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
-                          batch_size=args.batch_size, init_overrides=overrides or None)
+                          batch_size=args.batch_size, init_overrides=overrides or None,
+                          audio_out=args.audio_out, unit_decoder=args.unit_decoder)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--release", default=None, metavar="PATH",
                    help="FreezeEmpath release checkpoint instead of the one the config names "
                         "(init.freezeempath)")
+    h.add_argument("--audio-out", default=None, metavar="DIR",
+                   help="speak each reply: DIR/<question_id>.wav from its speech units "
+                        "(adds prediction_audio to the line)")
+    h.add_argument("--unit-decoder", default=None, metavar="PATH",
+                   help="units-to-waveform decoder for --audio-out: the release's decoder "
+                        "folder or a converted one (default: MODEL/unit_decoder)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

@@ -175,3 +175,67 @@ def test_chatbot_keeps_turns(model, shared_audio_dir):
     # The second turn hears the first: its prompt is longer, so generation saw a new shape.
     assert len(model.prompt_ids(bot.conversation.turns[:1], 30, 1)) > len(
         model.prompt_ids([], 30, 1))
+
+
+def _tiny_unit_decoder():
+    """A random units-to-waveform decoder small enough for CPU tests, whose codebook is the
+    tiny model's unit vocabulary."""
+    from freezeempath_jax.models import configs as C
+    from freezeempath_jax.models.unit_decoder import init_params
+
+    cfg = C.UnitDecoderConfig(
+        codec=C.SemanticCodecConfig(codebook_size=CFG.speech_decoder.unit_vocab_size,
+                                    codebook_dim=4, hidden_size=16),
+        length_regulator=C.LengthRegulatorConfig(channels=16, in_channels=16,
+                                                 sampling_ratios=(1,)),
+        dit=C.DiTConfig(hidden_dim=16, num_heads=2, depth=2, content_dim=16, style_dim=8,
+                        wavenet_hidden_dim=16, wavenet_num_layers=2,
+                        frequency_embedding_size=16),
+        bigvgan=C.BigVGANConfig(upsample_initial_channel=128, resblock_kernel_sizes=(3,),
+                                resblock_dilation_sizes=((1,),)),
+        prompt_frames=4, diffusion_steps=2, length_bucket=16)
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+def test_chat_speaks_replies_to_wav_files(model, shared_audio_dir, tmp_path):
+    """--audio-out: one 22,050 Hz WAV per answered item from its units, named by question id,
+    `prediction_audio` on its line; the same seed gives the same bytes; a decoder that cannot
+    speak an item's units fails that item only; no decoder at all is one usage error."""
+    decoder = _tiny_unit_decoder()
+    manifest = tmp_path / "q.jsonl"
+    manifest.write_text(json.dumps({"id": "a/1", "audio": str(shared_audio_dir /
+                                                                "helpful_base_1.wav")}) + "\n"
+                        + json.dumps({"id": "b", "audio": str(shared_audio_dir /
+                                                              "vicuna_2.wav")}) + "\n")
+    runs = []
+    for n in range(2):
+        out, wavs = tmp_path / f"answers{n}.jsonl", tmp_path / f"wav{n}"
+        assert chat.run_chat(model, str(manifest), str(out), max_new_tokens=6, batch_size=2,
+                             progress=False, audio_out=str(wavs), unit_decoder=decoder) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        runs.append([open(r["prediction_audio"], "rb").read() for r in rows])
+        for r in rows:
+            assert r["prediction_audio"].startswith(str(wavs))
+            audio, rate = sf.read(r["prediction_audio"])
+            assert rate == 22050 and len(audio) > 0 and np.isfinite(audio).all()
+        assert sorted(p.name for p in wavs.iterdir()) == ["a_1.wav", "b.wav"]
+    assert runs[0] == runs[1]  # same model, input and seed: the same bytes
+
+    # a decoder whose codebook is smaller than the units the model emits: per-item errors
+    cfg, params = decoder
+    import dataclasses
+    small = dataclasses.replace(cfg, codec=dataclasses.replace(cfg.codec, codebook_size=1))
+    out = tmp_path / "small.jsonl"
+    failed = chat.run_chat(model, str(manifest), str(out), max_new_tokens=6, batch_size=2,
+                           progress=False, audio_out=str(tmp_path / "w"),
+                           unit_decoder=(small, params))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert failed == 2 and [r["question_id"] for r in rows] == ["a/1", "b"]
+    for r in rows:
+        assert "prediction_audio" not in r
+        assert "outside the decoder's codebook [0, 1)" in r["error"]
+
+    from freezeempath_jax.inference.cli import ChatUsageError
+    with pytest.raises(ChatUsageError, match="--audio-out needs a units-to-waveform decoder"):
+        chat.run_chat(model, str(manifest), str(tmp_path / "x.jsonl"), progress=False,
+                      audio_out=str(tmp_path / "w2"))

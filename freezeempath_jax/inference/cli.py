@@ -13,15 +13,19 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Dict, List, Optional
 
 import jax
 import numpy as np
+import soundfile as sf
 from tqdm import tqdm
 
 from freezeempath_jax.audio import load_audio
+from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder
 from freezeempath_jax.inference.chat import MAX_SECONDS, ChatModel
 from freezeempath_jax.inference.loading import load_chat_model
+from freezeempath_jax.models.unit_decoder import decode_units
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +173,73 @@ def _answer_record(item: dict, reply) -> Dict:
             "emotion": {"label": reply.emotion, "probabilities": probs}}
 
 
+UNIT_DECODER_DIR = "unit_decoder"  # a model folder may hold its units-to-waveform decoder here
+
+
+def resolve_unit_decoder(spec, model_path=None):
+    """(config, params) of the units-to-waveform decoder chat speaks with: `spec` is a
+    (config, params) pair, a folder (the release's decoder folder or one `convert --kind
+    unit_decoder` wrote), or None for `<model folder>/unit_decoder`; ChatUsageError naming
+    what to pass when there is none."""
+    if isinstance(spec, tuple):
+        return spec
+    path = spec
+    if path is None and isinstance(model_path, (str, os.PathLike)):
+        cand = os.path.join(os.fspath(model_path), UNIT_DECODER_DIR)
+        path = cand if os.path.isdir(cand) else None
+    if path is None:
+        raise ChatUsageError("--audio-out needs a units-to-waveform decoder: pass "
+                             "--unit-decoder PATH (the release's decoder folder, or a "
+                             "`convert --kind unit_decoder` output), or put it in the model "
+                             f"folder as {UNIT_DECODER_DIR}/")
+    if not os.path.isdir(path):
+        raise ChatUsageError(f"--unit-decoder {path!r} is not a folder")
+    return load_unit_decoder(path)
+
+
+def _safe_name(qid) -> str:
+    """A file name for a question id (path separators and odd characters replaced)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(qid)).strip("._") or "item"
+    return name[:120]
+
+
+class _Speaker:
+    """Writes each answered item's units as `<dir>/<question_id>.wav` (22,050 Hz)."""
+
+    def __init__(self, decoder, directory: str, seed: int):
+        self.config, self.params = decoder
+        self.dir, self.seed = directory, int(seed)
+        os.makedirs(directory, exist_ok=True)
+        self.used: Dict[str, int] = {}
+
+    def __call__(self, qid, units) -> str:
+        """The written path; ValueError naming the problem for units it cannot speak."""
+        if units is None:
+            raise ValueError("the model has no speech decoder: it produced no units to speak")
+        u = np.asarray(units, np.int64).reshape(-1)
+        if u.size == 0:
+            raise ValueError("the reply has no speech units (empty): nothing to speak")
+        k = self.config.codec.codebook_size
+        bad = u[(u < 0) | (u >= k)]
+        if bad.size:
+            raise ValueError(f"speech units {bad[:5].tolist()} are outside the decoder's "
+                             f"codebook [0, {k})")
+        wav = decode_units(self.config, self.params, [u], seed=self.seed)[0]
+        name = _safe_name(qid)
+        n = self.used.get(name, 0)
+        self.used[name] = n + 1
+        path = os.path.join(self.dir, f"{name}.wav" if not n else f"{name}-{n}.wav")
+        sf.write(path, np.clip(wav, -1.0, 1.0), self.config.bigvgan.sampling_rate,
+                 subtype="PCM_16")
+        return path
+
+
 def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              temperature: float = 0.7, max_new_tokens: int = 256, seed: int = 42,
              batch_size: int = 4, top_k: Optional[int] = None, top_p: Optional[float] = None,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
-             speech: bool = True, init_overrides: Optional[Dict[str, str]] = None) -> int:
+             speech: bool = True, init_overrides: Optional[Dict[str, str]] = None,
+             audio_out: Optional[str] = None, unit_decoder=None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
@@ -187,9 +253,17 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     Batches are padded to `batch_size` so one compiled shape serves all; batch i samples
     with fold_in(key(seed), i). `init_overrides` ({"llm": path, "whisper": path, ...})
     replaces frozen-part paths a training config names (see `load_chat_model`).
+
+    audio_out: a folder; each answered item's speech units are decoded to a waveform
+    (`models.decode_units`, seeded by `seed`) and written as `<audio_out>/<question_id>.wav`,
+    and its line gets `prediction_audio` (the path). `unit_decoder`: the decoder's folder or
+    a (config, params) pair (default `<model folder>/unit_decoder`). Units a decoder cannot
+    speak (none, empty, outside its codebook) are an error of that item only.
     """
     items = read_items(input_path)
     check_output(output_path, input_path)
+    speaker = (_Speaker(resolve_unit_decoder(unit_decoder, model_path_or_config), audio_out,
+                        seed) if audio_out else None)
     if isinstance(model_path_or_config, ChatModel):
         chat_model = model_path_or_config
     else:
@@ -239,9 +313,12 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
             for it in batch:
                 if "error" not in it:
                     try:
-                        write(_answer_record(it, results[id(it)]))
+                        rec = _answer_record(it, results[id(it)])
+                        if speaker is not None:
+                            rec["prediction_audio"] = speaker(it["id"], results[id(it)].units)
+                        write(rec)
                         continue
-                    except (ValueError, TypeError) as e:  # not writable as strict JSON
+                    except (ValueError, TypeError) as e:  # not writable / not speakable
                         it["error"] = str(e)
                 error(it, it["error"])
             bar.update(len(batch))
