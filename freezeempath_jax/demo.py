@@ -197,29 +197,29 @@ def shared_audio_dir() -> Optional[Path]:
     return None
 
 
-def evaluate(chat_model, records: List[dict], emotions) -> dict:
-    """SER accuracy and confusion matrix (rows: true, columns: predicted) on `records`."""
-    import jax
+def eval_tables(chat_model, held_out: List[dict], report: Path, quick: bool = False) -> dict:
+    """The evaluation suite on the demo's held-out clips (`freezeempath_jax.evaluation`):
+    SER with intervals, the Table 5 ablation with its controls (report/ablation.md), and
+    retention: the frozen LLM inside the model answers the held-out transcripts as text
+    exactly as SmolLM2 loaded alone does."""
+    from freezeempath_jax.distill import load_llm
+    from freezeempath_jax.evaluation.ablation import evaluate_ablation, write_table
+    from freezeempath_jax.evaluation.retention import evaluate_retention
+    from freezeempath_jax.evaluation.ser import evaluate_ser
+    from freezeempath_jax.real_models import smollm2_gguf
 
-    from freezeempath_jax.audio import load_audio
-    from freezeempath_jax.models.freezeempath import FreezeEmpath
-
-    model = FreezeEmpath(chat_model.config)
-    encode = jax.jit(lambda p, mel: model.apply({"params": p}, mel,
-                                                method=FreezeEmpath.encode_speech)[2])
-    n = len(emotions)
-    confusion = np.zeros((n, n), np.int64)
-    batch = 8
-    for i in range(0, len(records), batch):
-        part = records[i:i + batch]
-        mels = [chat_model.mel(load_audio(r["audio"])) for r in part]
-        mels += [mels[0]] * (batch - len(mels))  # one compiled shape
-        logits = np.asarray(encode(chat_model.params, np.stack(mels)))[:len(part)]
-        for r, pred in zip(part, logits.argmax(-1)):
-            confusion[emotions.index(r["emotion"]), int(pred)] += 1
-    acc = float(np.trace(confusion) / max(confusion.sum(), 1))
-    return {"ser_accuracy": acc, "confusion": confusion.tolist(), "num_clips": int(
-        confusion.sum())}
+    ser = evaluate_ser(chat_model, [dict(r) for r in held_out], batch_size=8, resamples=1000,
+                       progress=False)
+    questions = [dict(r) for r in held_out if r.get("kind") == "instruction"]
+    n = 4 if quick else 10
+    ablation = evaluate_ablation(chat_model, questions[:n], batch_size=8, max_new_tokens=32,
+                                 progress=False)
+    write_table(ablation, str(report))
+    llm = load_llm(smollm2_gguf())
+    retention = evaluate_retention(chat_model, [{"id": r["id"], "prompt": r["transcript"]}
+                                                for r in questions[:n]], llm, batch_size=8,
+                                   max_new_tokens=32, progress=False)
+    return {"ser": ser, "ablation": ablation, "retention": retention}
 
 
 def side_by_side(chat_model, emotions, text: str = SIDE_BY_SIDE, voice: str = "en-us",
@@ -368,7 +368,9 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     data_dir = os.path.join(workdir, "data")
     held_out = read_manifest(os.path.join(data_dir, "test.jsonl")) + read_manifest(
         os.path.join(data_dir, "validation.jsonl"))
-    ser = evaluate(bot, held_out, emotions)
+    tables = eval_tables(bot, held_out, report, quick=quick)
+    ser = {"ser_accuracy": tables["ser"]["accuracy"], "confusion": tables["ser"]["confusion"],
+           "num_clips": tables["ser"]["n"]}
     pairs = side_by_side(bot, emotions)
     unseen = held_out_questions(bot, emotions, num_questions=4 if quick else 8)
 
@@ -396,6 +398,10 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     metrics = {
         "ser_accuracy_held_out": ser["ser_accuracy"], "confusion": ser["confusion"],
         "num_held_out": ser["num_clips"], "emotions": emotions,
+        "ser_unweighted_accuracy": tables["ser"]["unweighted_accuracy"],
+        "ser_macro_f1": tables["ser"]["macro_f1"], "ser_ci95": tables["ser"].get("ci95"),
+        "ablation": tables["ablation"]["table"], "retention": {
+            k: tables["retention"][k] for k in ("n", "n_identical", "differing_ids")},
         "stages": {k: {m: v for m, v in s.items() if isinstance(v, (int, float))}
                    for k, s in stages.items()},
         "distinct_side_by_side_replies": len({p["reply"] for p in pairs}),
@@ -424,6 +430,17 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     lines += [f"| {r['question']} ({r['topic']}) | {r['spoken_emotion']} | "
               f"{r['predicted_emotion']} | {r['reply'].replace('|', '/').replace(chr(10), ' ')} |"
               for r in u["rows"]]
+    ret = tables["retention"]
+    ci = tables["ser"]["ci95"]["accuracy"]
+    lines += ["", "## Evaluation (`freezeempath_jax.evaluation`)", "",
+              f"SER on {tables['ser']['n']} held-out clips: accuracy "
+              f"{tables['ser']['accuracy']:.3f} [95% CI {ci['low']:.3f}, {ci['high']:.3f}], "
+              f"unweighted {tables['ser']['unweighted_accuracy']:.3f}, macro-F1 "
+              f"{tables['ser']['macro_f1']:.3f}.", "",
+              f"Retention: the frozen LLM inside the model answered {ret['n_identical']} of "
+              f"{ret['n']} held-out transcripts (as text) exactly as SmolLM2 loaded alone.", "",
+              "Ablation (Table 5 settings and the controls; report/ablation.md):", "",
+              (report / "ablation.md").read_text()]
     for name in ("held_out_answers", "shared_audio_answers"):
         path = chat_dir / f"{name}.jsonl"
         if path.exists():

@@ -41,6 +41,12 @@ def test_reduced_demo_learns_emotions(demo_run):
     # chat answers; it does not describe the speaker (the 2a task has its own prompt)
     assert metrics["num_replies"] >= 10
     assert metrics["speaker_descriptions"] * 10 <= metrics["num_replies"], metrics
+    # the evaluation suite ran on the held-out clips: the frozen LLM answers text exactly as
+    # SmolLM2 alone does (no forgetting, shown), and the ablation table has every setting
+    assert metrics["retention"]["n"] > 0
+    assert metrics["retention"]["n_identical"] == metrics["retention"]["n"], metrics["retention"]
+    assert len(metrics["ablation"]) == 6
+    assert metrics["ser_ci95"]["accuracy"]["low"] <= metrics["ser_accuracy_held_out"]
     assert metrics["chat_failures"] == 0
     report = os.path.join(workdir, "report")
     for name in ("metrics.json", "confusion.png", "curves.png", "replies.md"):
