@@ -309,6 +309,14 @@ def _encoder_states(batch):
     return None
 
 
+def _encoder_outputs(model, params, batch):
+    """(last state, layer states) of the frozen encoder: cached in the batch, or computed."""
+    enc = _encoder_states(batch)
+    if enc is None:
+        enc = model.apply({"params": params}, batch["mel"], method=FreezeEmpath.encode_audio)
+    return enc
+
+
 def _student(model, params, batch, return_logits=True):
     enc = _encoder_states(batch)
     return model.apply({"params": params}, mel=None if enc is not None else batch["mel"],
@@ -387,20 +395,14 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
                                      norm, cfg.kl_temperature, cfg.kl_ce_weight)
     elif obj == "ser_ce":
         def f(params, batch, norm):
-            enc = _encoder_states(batch)
-            if enc is None:
-                enc = model.apply({"params": params}, batch["mel"],
-                                  method=FreezeEmpath.encode_audio)
+            enc = _encoder_outputs(model, params, batch)
             feats = model.apply({"params": params}, *enc,
                                 method=FreezeEmpath.features_from_states)
             return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
                                  attr_weight=cfg.attr_weight)
     elif obj == "align_ctc":
         def f(params, batch, norm):
-            enc = _encoder_states(batch)
-            if enc is None:
-                enc = model.apply({"params": params}, batch["mel"],
-                                  method=FreezeEmpath.encode_audio)
+            enc = _encoder_outputs(model, params, batch)
             speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
             return losses.align_ctc(speech, params["llm"]["embed_tokens"]["embedding"], batch,
                                     norm)
