@@ -15,8 +15,10 @@ library's wave generator also calls), from a hash of its request before synthesi
 
 Protocol on stdin/stdout (binary): one JSON request per line
 `{"voice", "text", "rate", "volume", "pitch", "range"}`; each response is a status byte
-(0 ok, 1 error), a little-endian uint64 length, then the payload (int16 little-endian samples
-or a UTF-8 error message). The first response, sent at start-up, carries the sample rate as a
+(0 ok, 1 error), a little-endian uint64 length, then the payload: on success a little-endian
+uint32 word count W, W records of three int32 (the word's 1-based character position in the
+text, its length in characters, its start in the audio in milliseconds: eSpeak's word
+events), then the int16 little-endian samples; on failure a UTF-8 error message. The first response, sent at start-up, carries the sample rate as a
 little-endian int32. The server exits when stdin closes.
 
 Usage: python _espeak_server.py LIBRARY_PATH DATA_PATH
@@ -35,8 +37,19 @@ ESPEAK_CHARS_UTF8 = 1
 # espeak_PARAMETER enum values.
 PARAM = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}
 
+EVENT_LIST_TERMINATED, EVENT_WORD = 0, 1
+
+
+class _Event(ctypes.Structure):
+    # espeak_EVENT of speak_lib.h (the union `id` is read as its widest member, a pointer).
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
+                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_void_p)]
+
+
 _CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
 )
 
 
@@ -60,11 +73,17 @@ def _seed_noise(lib, libc, line: bytes) -> None:
 
 
 def _render(lib, request: dict) -> bytes:
-    chunks = []
+    chunks, words = [], []
 
     def collect(wav, numsamples, events):
         if numsamples > 0 and wav:
             chunks.append(ctypes.string_at(wav, numsamples * 2))
+        i = 0
+        while events and events[i].type != EVENT_LIST_TERMINATED:
+            e = events[i]
+            if e.type == EVENT_WORD:
+                words.append((e.text_position, e.length, e.audio_position))
+            i += 1
         return 0
 
     callback = _CALLBACK(collect)
@@ -80,7 +99,8 @@ def _render(lib, request: dict) -> bytes:
     if err != 0:
         raise RuntimeError(f"espeak_Synth failed with error {err}")
     lib.espeak_Synchronize()
-    return b"".join(chunks)
+    head = struct.pack("<I", len(words)) + b"".join(struct.pack("<iii", *w) for w in words)
+    return head + b"".join(chunks)
 
 
 def main() -> None:

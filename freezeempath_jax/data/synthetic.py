@@ -280,8 +280,9 @@ class _EspeakServer:
             raise SynthesisError(payload.decode(errors="replace"))
         (self.sample_rate,) = struct.unpack("<i", payload)
 
-    def render(self, request: dict) -> np.ndarray:
-        """Renders one request; returns int16 samples at `self.sample_rate`."""
+    def render(self, request: dict) -> Tuple[np.ndarray, np.ndarray]:
+        """Renders one request; returns (int16 samples at `self.sample_rate`, int32 [W, 3]
+        word events: 1-based character position in the text, length, start in ms)."""
         line = (json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
@@ -295,7 +296,9 @@ class _EspeakServer:
             status, payload = self._read_response()
         if status != 0:
             raise SynthesisError(f"{payload.decode(errors='replace')} (request {request})")
-        return np.frombuffer(payload, dtype="<i2")
+        (count,) = struct.unpack_from("<I", payload)
+        words = np.frombuffer(payload, dtype="<i4", count=3 * count, offset=4).reshape(count, 3)
+        return np.frombuffer(payload, dtype="<i2", offset=4 + 12 * count), words
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -323,8 +326,12 @@ def render_espeak(
     pitch_range: int = 50,
     rate: int = 175,
     volume: int = 100,
-) -> np.ndarray:
+    with_words: bool = False,
+):
     """Renders `text` with eSpeak NG as float32 in [-1, 1] at 22,050 Hz (no resampling).
+
+    With `with_words`, returns (audio, words): each word eSpeak spoke as (its text, its start
+    in seconds), from eSpeak's own word events (exact timings, no forced alignment needed).
 
     Args:
       text: UTF-8 text in the voice's language.
@@ -335,7 +342,7 @@ def render_espeak(
     """
     if not text or not text.strip():
         raise ValueError("render_espeak needs non-empty text")
-    samples = _SERVER.render(
+    samples, events = _SERVER.render(
         {
             "voice": voice,
             "text": text,
@@ -345,7 +352,13 @@ def render_espeak(
             "volume": int(np.clip(volume, 0, 200)),
         }
     )
-    return samples.astype(np.float32) / 32768.0
+    audio = samples.astype(np.float32) / 32768.0
+    if not with_words:
+        return audio
+    # eSpeak counts characters from 1 in the UTF-8 text it was given
+    words = [(text[pos - 1:pos - 1 + length], ms / 1000.0) for pos, length, ms in events.tolist()
+             if length > 0]
+    return audio, words
 
 
 def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
@@ -378,7 +391,8 @@ def synthesize(
     *,
     noise: bool = True,
     jitter: bool = True,
-) -> np.ndarray:
+    with_words: bool = False,
+):
     """Renders `text` in `emotion` and returns float32 mono samples at 16 kHz.
 
     The prosody preset of `emotion` (see the module docstring) is jittered from `seed`,
@@ -391,6 +405,9 @@ def synthesize(
       voice: eSpeak voice with optional variant, e.g. `"en-us+f2"`, `"cmn"`.
       seed: drives jitter, silence and noise.
       noise, jitter: switch off the noise / the per-clip prosody jitter.
+      with_words: also return the words' timings in the returned clip: a list of
+        [word, start s, end s] (a word ends where the next starts; the last where the speech
+        ends), from eSpeak's word events. The audio is the same either way.
     """
     if emotion not in PRESETS:
         raise ValueError(f"unknown emotion {emotion!r}; expected one of {EMOTIONS}")
@@ -404,7 +421,9 @@ def synthesize(
         pitch_range=round(prange + JITTER["range"] * j[1]),
         rate=round(rate * (1.0 + JITTER["rate"] * j[2])),
         volume=round(volume * (1.0 + JITTER["volume"] * j[3])),
+        with_words=True,
     )
+    raw, spoken = raw
     audio = _resample(raw, _SERVER.sample_rate)
     lead, tail = (rng.uniform(*SILENCE_SECONDS, size=2) * SAMPLING_RATE).astype(int)
     audio = np.concatenate(
@@ -414,7 +433,14 @@ def synthesize(
         level = float(np.sqrt(np.mean(raw.astype(np.float64) ** 2))) or 1e-4
         snr = rng.uniform(*SNR_DB)
         audio = audio + rng.normal(0.0, level * 10 ** (-snr / 20), size=audio.shape)
-    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+    audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    if not with_words:
+        return audio
+    offset, speech_end = lead / SAMPLING_RATE, len(raw) / _SERVER.sample_rate
+    ends = [start for _, start in spoken[1:]] + [speech_end]
+    words = [[w.strip(), round(float(offset + start), 4), round(float(offset + max(end, start)), 4)]
+             for (w, start), end in zip(spoken, ends)]
+    return audio, words
 
 
 def _clip_plan(language: str, emotion: str, index: int, seed: int,
@@ -548,8 +574,10 @@ def build_synthetic_corpus(
 
     Layout: `out_dir/wav/<id>.wav` and `out_dir/{train,validation,test}.jsonl`, one line per
     clip with fields id, audio (absolute path), transcript, emotion, label (index into
-    `EMOTIONS`), speaker, voice, language, split and kind ("instruction" or "statement").
-    The same arguments always produce the same files.
+    `EMOTIONS`), speaker, voice, language, split, kind ("instruction" or "statement") and
+    words (each spoken word as [text, start s, end s] in the clip, from eSpeak's word events:
+    the targets of the `align_words` warm-up). The same arguments always produce the same
+    files.
 
     Args:
       out_dir: output folder (created).
@@ -573,15 +601,16 @@ def build_synthetic_corpus(
     total = num_per_emotion * len(EMOTIONS) * len(languages)
     files = {split: open(path, "w", encoding="utf-8") for split, path in manifests.items()}
     try:
-        examples = iter_synthetic_examples(num_per_emotion, languages, seed, split_fractions,
-                                           instructions)
-        for record, audio in tqdm(
-            examples, total=total, desc="synthetic corpus", unit="clip", disable=not progress
-        ):
+        plan = synthetic_plan(num_per_emotion, languages, seed, split_fractions, instructions)
+        for record in tqdm(plan, total=total, desc="synthetic corpus", unit="clip",
+                           disable=not progress):
+            audio, words = synthesize(record["transcript"], record["emotion"], record["voice"],
+                                      seed=record["clip_seed"], with_words=True)
             path = os.path.join(wav_dir, record["id"] + ".wav")
             sf.write(path, audio, SAMPLING_RATE, subtype="PCM_16")
             line = {"id": record["id"], "audio": path}
             line.update((k, v) for k, v in record.items() if k not in ("id", "clip_seed"))
+            line["words"] = words
             files[record["split"]].write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         for f in files.values():

@@ -131,6 +131,10 @@ class ProjectorConfig:
     conv_layers: int = 3
     conv_kernel: int = 5
     conv_stride: int = 2
+    # Snap each speech embedding to the nearest row of the LLM's input embedding table
+    # (straight-through gradient): the LLM then reads real token embeddings, as after a
+    # word-timed `align_words` warm-up. Off in the release (continuous embeddings).
+    snap_to_vocab: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,17 @@ def splice(embeds, input_ids, token_id: int, values):
     return jnp.where(is_tok[..., None], gathered, embeds)
 
 
+def snap_to_vocab(speech, table):
+    """Each speech embedding [B, S, H] replaced by its nearest row of the embedding table
+    [V, H] (squared distance), with a straight-through gradient (the backward pass sees the
+    identity), so the frozen LLM reads only embeddings it was trained on."""
+    h = speech.astype(jnp.float32)
+    e = table.astype(jnp.float32)
+    score = 2.0 * jnp.einsum("bsh,vh->bsv", h, e) - jnp.sum(e * e, axis=-1)
+    nearest = jnp.take(e, jnp.argmax(score, axis=-1), axis=0)
+    return (h + jax.lax.stop_gradient(nearest - h)).astype(speech.dtype)
+
+
 class FreezeEmpath(nn.Module):
     """Whisper encoder + speech adapter + emotion extractor/SER head + frozen LLM
     (+ speech decoder). Parameter tree: whisper / projector / emotion / llm / speech_decoder.
@@ -80,14 +91,18 @@ class FreezeEmpath(nn.Module):
                 jax.lax.stop_gradient(out.layer_states))
 
     def features_from_states(self, last_hidden_state, layer_states) -> SpeechFeatures:
-        """Adapters on (possibly cached) encoder outputs."""
+        """Adapters on (possibly cached) encoder outputs (speech embeddings snapped to the
+        LLM's token embeddings when `projector.snap_to_vocab`)."""
         speech = self.projector(last_hidden_state)
+        if self.config.projector.snap_to_vocab:
+            speech = snap_to_vocab(speech, self.llm.embed_tokens.embedding)
         emo = self.emotion(layer_states)
         return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
                               ser_logits=emo.ser_logits, attributes=emo.attributes)
 
     def project_speech(self, last_hidden_state):
-        """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs."""
+        """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs, never
+        snapped (the alignment warm-ups train the continuous output)."""
         return self.projector(last_hidden_state)
 
     def encode_speech(self, mel):

@@ -38,6 +38,9 @@ from freezeempath_jax.text.prompts import (SPEECH, ChatFormat, PromptBuilder, Pr
 # ---------------------------------------------------------------------------------------------
 # Batches
 
+# Seconds per Whisper encoder frame: a stride-2 convolution over 10 ms mel hops.
+ENCODER_FRAME_SECONDS = 0.02
+
 
 def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
     if rec.get("label") is not None:
@@ -53,8 +56,8 @@ def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
 class BatchBuilder:
     """Records -> batch dict for one stage, with static shapes.
 
-    objective: "distill_ce" | "distill_kl" | "emotion_ce" | "ser_ce" | "unit_ce" (train.step
-    names).
+    objective: "distill_ce" | "distill_kl" | "emotion_ce" | "ser_ce" | "unit_ce" | "align_ctc"
+    | "align_words" (train.step names).
     num_speech: speech placeholders per prompt (frames // k of the encoder outputs used).
     target_len: reply tokens kept (EOS included); teacher_len: teacher prompt tokens.
     recipe: the user-turn texts (`text.PromptRecipe`): stage 1 reads `recipe.stage1`, stage 2a
@@ -69,6 +72,14 @@ class BatchBuilder:
                  recipe: Optional[PromptRecipe] = None):
         self.model, self.stage, self.objective = model, stage, objective
         self.tok = tokenizer
+        self.num_speech = int(num_speech)
+        self.encoder_frames: Optional[int] = None  # set by the trainer (align_words timing)
+        # align_words: what a position without a word should look like to the LLM. Measured
+        # with SmolLM2-135M reading ideal layouts (each token's embedding repeated over its
+        # span): a newline's embedding between and around the words keeps the reply on topic
+        # as often as dropping the silent positions does (10/16 vs 9/16); zero vectors
+        # derail it (1/16). "" = the zero vector.
+        self.silence_text = "\n"
         self.target_len, self.teacher_len, self.units_len = target_len, teacher_len, units_len
         fmt = ChatFormat.named(chat_template, model.system_prompt)
         self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_queries)
@@ -155,10 +166,60 @@ class BatchBuilder:
             out["align_vocab"] = np.broadcast_to(vocab, (b, len(vocab))).copy()
         return out
 
+    def position_tokens(self, rec: Mapping) -> np.ndarray:
+        """align_words targets of one record: for each of the `num_speech` positions, the id
+        of the token spoken at the position's centre; where no word is spoken, the last token
+        of `silence_text` (-1, the zero vector, when it is empty).
+
+        A position covers `encoder_frames / num_speech` encoder frames of 20 ms (Whisper's
+        stride-2 convolution over 10 ms mel hops). Words come from the record's `words`
+        ([[text, start s, end s], ...], eSpeak's word events in synthetic corpora); a word of
+        several tokens shares its span among them evenly. Words are tokenized as they follow
+        one another in the transcript (a space before every word but the first)."""
+        words = rec.get("words")
+        if not words:
+            raise ValueError(f"record {rec.get('id', '?')}: objective align_words needs word "
+                             "timings ('words': [[text, start s, end s], ...]); synthetic "
+                             "corpora carry them (rebuild an older corpus)")
+        if self.encoder_frames is None:
+            raise ValueError("BatchBuilder.encoder_frames must be set for align_words")
+        step = self.encoder_frames * ENCODER_FRAME_SECONDS / self.num_speech
+        centres = (np.arange(self.num_speech) + 0.5) * step
+        silence = self.tok.encode(self.silence_text)[-1] if self.silence_text else -1
+        out = np.full((self.num_speech,), silence, np.int32)
+        for j, w in enumerate(words):
+            try:
+                text, start, end = str(w[0]), float(w[1]), float(w[2])
+            except (TypeError, ValueError, IndexError) as e:
+                raise ValueError(f"record {rec.get('id', '?')}: word {j} is {w!r}, expected "
+                                 "[text, start s, end s]") from e
+            ids = self.tok.encode(text if j == 0 else " " + text)
+            if not ids or end <= start:
+                continue
+            bounds = np.linspace(start, end, len(ids) + 1)
+            for t, a, z in zip(ids, bounds[:-1], bounds[1:]):
+                out[(centres >= a) & (centres < z)] = t
+        return out
+
+    def _word_positions(self, records) -> Dict[str, np.ndarray]:
+        b, s = len(records), self.num_speech
+        tokens = np.full((b, s), -1, np.int32)
+        mask = np.zeros((b, s), np.float32)
+        for i, rec in enumerate(records):
+            if rec is not None:
+                tokens[i], mask[i] = self.position_tokens(rec), 1.0
+        out = {"position_tokens": tokens, "position_mask": mask}
+        vocab = getattr(self, "align_vocab", None)
+        if vocab is not None:
+            out["align_vocab"] = np.broadcast_to(vocab, (b, len(vocab))).copy()
+        return out
+
     def __call__(self, records: Sequence[Optional[Mapping]]) -> Dict[str, np.ndarray]:
         """Batch dict for `records` (None entries become all-padding rows)."""
         if self.objective == "align_ctc":  # no LLM pass: audio and transcripts only
             return {**self._audio(records), **self._transcripts(records)}
+        if self.objective == "align_words":
+            return {**self._audio(records), **self._word_positions(records)}
         b, t = len(records), self.seq_len
         pad = self.tok.pad_id
         input_ids = np.full((b, t), pad, np.int32)

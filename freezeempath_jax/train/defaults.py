@@ -159,6 +159,7 @@ def data_section() -> ml_collections.ConfigDict:
     d.teacher_len = 96  # stage 1 KL: teacher prompt tokens (transcript in the chat frame)
     # User-turn texts per stage (text.PromptRecipe; the chat turn is model.user_template):
     d.stage1_template = "<speech>"  # stage 1 user turn (the emotion part comes with stage 2)
+    d.align_silence = "\n"  # align_words: the token a position without a word regresses to
     # stage 2a asks *about* the emotion (its 2b-mixed rows too); never the chat prompt
     d.emotion_template = "<speech><emotion> What emotion does the speaker's voice convey?"
     d.teacher_template = "{transcript}"  # what the teacher LLM reads instead of speech

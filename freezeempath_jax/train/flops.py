@@ -247,7 +247,7 @@ def flops_breakdown(model_config, train_config, seq_len: int, encoder_frames: in
         front = c
     if not encoder_cached:
         _whisper(front, cfg, t_enc)
-    if objective == "align_ctc":  # the projector and its distances to every token embedding
+    if objective in ("align_ctc", "align_words"):  # projector + distances to token embeddings
         s, _ = _projector(front, cfg, t_enc)
         b = float(tc.batch_size)
         out = {k: (v[0] * b, v[1] * b) for k, v in sorted(c.parts.items())}

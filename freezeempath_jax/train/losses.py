@@ -34,7 +34,8 @@ Sums = Dict[str, jax.Array]
 # The objective each stage trains by default, and every objective the train step knows.
 STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
                     "3a": "unit_ce", "3b": "unit_ce"}
-OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce", "align_ctc")
+OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce", "align_ctc",
+              "align_words")
 
 
 def next_token_targets(input_ids, target_mask):
@@ -225,6 +226,65 @@ def align_ctc(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None,
     return s["align_sum"] / _denominator(norm, "align_examples", s["align_examples"]), s
 
 
+def align_words(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None, *,
+                temperature: float = 0.05, mse_weight: float = 1.0
+                ) -> Tuple[jax.Array, Sums]:
+    """Content alignment without the LLM, from word timings: each speech position [B, S, H]
+    is pulled onto the frozen LLM's input embedding of the token spoken at its centre (the
+    zero vector where no word is spoken), so the LLM reads the speech as a transcript whose
+    tokens repeat for as long as they are spoken.
+
+    Two terms per position, averaged over positions: a classification over the candidates
+    (the zero vector, then each candidate token's embedding) with logits
+    `-||h - c||^2 / (temperature * S)`, which separates the tokens (a squared error alone
+    settles on the mean of the candidates: measured, it learned nothing on the demo corpus),
+    plus `mse_weight * ||h - target||^2 / S`, which puts the position on the embedding itself;
+    S is the table's mean squared embedding norm, so both are scale-free.
+
+    Batch: position_tokens [B, S] (token id, -1 = no word), position_mask [B, S] (1 = a
+    position of a real row); optional align_vocab [B, K] (candidate token ids, every row the
+    same; default the whole table). A token outside the candidates gets the squared error
+    only. Metrics: loss_align_words, align_accuracy (share of word positions whose nearest
+    candidate is the spoken token).
+    """
+    f32 = jnp.float32
+    tok = jnp.asarray(batch["position_tokens"], jnp.int32)
+    m = jnp.asarray(batch["position_mask"], f32)
+    h = speech_embeds.astype(f32)
+    table = embed_table.astype(f32)
+    word = tok >= 0
+    target = jnp.where(word[..., None], jnp.take(table, jnp.maximum(tok, 0), axis=0), 0.0)
+    scale = jax.lax.stop_gradient(jnp.mean(jnp.sum(table * table, axis=-1)))
+    err = jnp.sum(jnp.square(h - target), axis=-1) / scale
+    if "align_vocab" in batch:
+        cand_ids = jnp.asarray(batch["align_vocab"][0], jnp.int32)
+    else:
+        cand_ids = jnp.arange(table.shape[0], dtype=jnp.int32)
+    cand = jnp.concatenate([jnp.zeros((1, table.shape[1]), f32),
+                            jnp.take(table, cand_ids, axis=0)])  # class 0: no word
+    d2 = (jnp.sum(h * h, -1, keepdims=True) - 2.0 * jnp.einsum("bsh,vh->bsv", h, cand)
+          + jnp.sum(cand * cand, -1)[None, None])
+    logits = -d2 / (temperature * scale)
+    eq = tok[..., None] == cand_ids[None, None]
+    known = jnp.any(eq, axis=-1)
+    cls = jnp.where(word, jnp.argmax(eq, axis=-1) + 1, 0)
+    ce_mask = m * jnp.logical_or(~word, known).astype(f32)
+    ce = optax_ce(logits, cls)
+    per_pos = mse_weight * err + ce * ce_mask
+    words = (word & known).astype(f32) * m
+    hit = (jnp.argmax(logits, axis=-1) == cls).astype(f32)
+    s = {"align_words_sum": jnp.sum(per_pos * m), "align_positions": jnp.sum(m),
+         "align_word_hits": jnp.sum(hit * words), "align_word_positions": jnp.sum(words)}
+    return s["align_words_sum"] / _denominator(norm, "align_positions",
+                                               s["align_positions"]), s
+
+
+def optax_ce(logits, labels):
+    """Softmax cross-entropy with integer labels (float32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
 def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None
             ) -> Tuple[jax.Array, Sums]:
     """Stage 3: CE on speech unit / EOS targets of the streaming layout, mean over targets."""
@@ -239,6 +299,8 @@ def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.A
     if objective == "align_ctc":
         rows = jnp.sum(jnp.asarray(batch["transcript_mask"], f32), axis=1) > 0
         return {"align_examples": jnp.sum(rows.astype(f32))}
+    if objective == "align_words":
+        return {"align_positions": jnp.sum(jnp.asarray(batch["position_mask"], f32))}
     if objective == "unit_ce":
         m = batch["layout_loss_mask"] if layout_loss_mask is None else layout_loss_mask
         return {"tokens": jnp.sum(jnp.asarray(m, f32))}
@@ -280,4 +342,7 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     if "align_sum" in sums:
         out["loss_align"] = ratio("align_sum", "align_examples")
         out["align_recall"] = ratio("align_hits", "align_tokens")
+    if "align_words_sum" in sums:
+        out["loss_align_words"] = ratio("align_words_sum", "align_positions")
+        out["align_accuracy"] = ratio("align_word_hits", "align_word_positions")
     return out

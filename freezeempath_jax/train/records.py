@@ -53,6 +53,7 @@ def _synthetic_records(cfg, workdir) -> tuple:
             "seed": int(d.corpus_seed), "split_fractions": list(d.split_fractions)}
     if d.get("instructions", "fixed") != "fixed":  # older corpora keep their marker valid
         spec["instructions"] = str(d.instructions)
+    spec["words"] = True  # manifests carry word timings (corpora without them are rebuilt)
     marker = os.path.join(out_dir, "corpus.json")
     current = None
     if os.path.exists(marker):

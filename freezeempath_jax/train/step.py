@@ -70,7 +70,8 @@ class TrainConfig:
     (1: distill_ce, 2a/2b: emotion_ce, 3a/3b: unit_ce; "distill_kl" is the stage 1 variant,
     "ser_ce" a stage 2a warm-up of the SER head alone, without the LLM; "align_ctc" a stage 1
     warm-up of the projector by CTC against the transcript through the LLM's embedding table,
-    without the LLM's layers).
+    without the LLM's layers; "align_words" the same warm-up from word timings, regressing
+    each speech position onto the embedding of the token spoken there).
     trainable_table: [[regex, "trainable"|"frozen"], ...] or None for the stage's default.
     frozen_dtype: storage dtype of frozen parameters. compute_dtype / remat_policy: when set,
     override every component's dtype / remat policy in the model config.
@@ -231,6 +232,9 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                        teacher_loss_positions=spec((b, r), i32))
         if objective == "align_ctc":
             out.update(transcript_ids=spec((b, r), i32), transcript_mask=spec((b, r), f32))
+        if objective == "align_words":
+            out.update(position_tokens=spec((b, n_speech), i32),
+                       position_mask=spec((b, n_speech), f32))
         if objective in ("emotion_ce", "ser_ce"):
             out["emotion_label"] = spec((b,), i32)
             if c.emotion.num_attributes:
@@ -281,6 +285,10 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
                    teacher_loss_positions=reply_positions(b, tprompt.shape[1], r))
     if objective == "align_ctc":
         out.update(transcript_ids=reply, transcript_mask=valid_reply.astype(f32))
+    if objective == "align_words":
+        pos = tokens((b, n_speech))
+        pos[:, ::3] = -1  # some positions where no word is spoken
+        out.update(position_tokens=pos, position_mask=np.ones((b, n_speech), f32))
     if objective in ("emotion_ce", "ser_ce"):
         labels = rng.integers(0, c.emotion.num_classes, (b,)).astype(i32)
         labels[1::4] = -1  # some rows without an emotion label (stage 2b mixing)
@@ -406,6 +414,12 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
             return losses.align_ctc(speech, params["llm"]["embed_tokens"]["embedding"], batch,
                                     norm)
+    elif obj == "align_words":
+        def f(params, batch, norm):
+            enc = _encoder_outputs(model, params, batch)
+            speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
+            return losses.align_words(speech, params["llm"]["embed_tokens"]["embedding"], batch,
+                                      norm)
     elif obj == "emotion_ce":
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)

@@ -199,7 +199,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
     train_recs = [dict(r) for r in raw_train] if stream else features.features(raw_train)
     eval_recs = features.features(raw_eval)
     everything = train_recs + eval_recs
-    needs_replies = ts.train_config.resolved_objective not in ("align_ctc", "ser_ce")
+    needs_replies = ts.train_config.resolved_objective not in ("align_ctc", "align_words",
+                                                                "ser_ce")
     if cfg.stage in ("1", "3a", "3b", "2b") and needs_replies:
         ReplyDistiller(cfg, ts, frozen, tok).replies(everything,
                                                      with_emotion=cfg.stage == "2b")
@@ -216,7 +217,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
         units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data))
     builder.encoder_frames = frames
-    if ts.train_config.resolved_objective == "align_ctc":
+    builder.silence_text = str(cfg.data.get("align_silence", "\n"))
+    if ts.train_config.resolved_objective in ("align_ctc", "align_words"):
         builder.set_align_vocab([r["transcript"] for r in everything if r.get("transcript")])
     if stream:
         builder.audio_shapes = {"mel": (model_cfg.whisper.n_mels,
