@@ -6,6 +6,9 @@ A record is a plain dict (one line of a JSONL manifest plus features added on lo
     reply_ids: list[int] or reply: str    (target of stages 1 / 2b / 3)
     emotion: str and/or label: int        (stage 2a target text and SER label)
     attributes: [A] floats                (RE-LLM arousal / valence / dominance, optional)
+    gender: "female" | "male", age_group: "young" | "middle-aged" | "older"
+                                          (OSUM-EChat paralinguistic heads, optional)
+    analysis: str                         (dual thinking: the assistant turn starts with it)
     units: list[int]                      (stage 3 speech units of the reply)
     task: "2a" | "2b"                     (stage 2b mixes rows of both tasks)
 
@@ -29,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from freezeempath_jax.models import streaming
-from freezeempath_jax.models.configs import FreezeEmpathConfig
+from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
 from freezeempath_jax.text.padding import round_up as _round_up
 from freezeempath_jax.text.prompts import (SPEECH, ChatFormat, PromptBuilder, PromptRecipe,
                                            emotion_statement)
@@ -48,6 +51,25 @@ def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
                              f"one of {tuple(emotions)}")
         return list(emotions).index(rec["emotion"])
     return -1
+
+
+# Record field and class names of each paralinguistic head (`EmotionConfig.cue_heads`).
+CUE_FIELDS = {"gender": ("gender", GENDERS), "age": ("age_group", AGE_GROUPS)}
+
+
+def cue_label(rec: Optional[Mapping], name: str) -> int:
+    """Class index of a record's paralinguistic label `name` ("gender" / "age"); -1 when the
+    record has none. A value outside the classes is an error naming the record."""
+    if rec is None:
+        return -1
+    field, classes = CUE_FIELDS[name]
+    value = rec.get(field)
+    if value is None or value == "":
+        return -1
+    if value not in classes:
+        raise ValueError(f"record {rec.get('id', '?')}: {field} {value!r} is not one of "
+                         f"{tuple(classes)}")
+    return classes.index(value)
 
 
 class BatchBuilder:
@@ -71,7 +93,7 @@ class BatchBuilder:
         self.tok = tokenizer
         self.target_len, self.teacher_len, self.units_len = target_len, teacher_len, units_len
         fmt = ChatFormat.named(chat_template, model.system_prompt)
-        self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_queries)
+        self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_tokens)
         self.recipe = recipe or PromptRecipe(stage1=stage1_template)
         templates = {"1": self.recipe.stage1, "2a": self.recipe.emotion_question}
         self.prompt = self._speech_prompt(templates.get(stage, model.user_template))
@@ -203,6 +225,9 @@ class BatchBuilder:
                         attrs[i] = np.asarray(rec["attributes"], np.float32)[:a]
                         amask[i] = 1.0
                 out.update(attributes=attrs, attr_mask=amask)
+            for name, _ in self.model.emotion.cue_heads:
+                out[f"{name}_label"] = np.array([cue_label(r, name) for r in records],
+                                                np.int32)
         if self.objective == "unit_ce":
             out.update(self._units(records, replies))
         return out

@@ -129,6 +129,17 @@ def toy_attributes(records: List[dict], num_attributes: int):
             r["attributes"] = list(EMOTION_AVD[r["emotion"]][:num_attributes])
 
 
+def voice_genders(records: List[dict]):
+    """Speaker-gender labels of synthetic clips from their eSpeak voice (`data.synthetic.
+    voice_gender`) where a record has a `voice` and no `gender` (corpora built before the
+    plan wrote the field). Real corpora carry `gender` from their own metadata."""
+    from freezeempath_jax.data.synthetic import voice_gender
+
+    for r in records:
+        if r.get("gender") is None and r.get("voice"):
+            r["gender"] = voice_gender(r["voice"])
+
+
 def toy_units(records: List[dict], unit_vocab_size: int, tokenizer):
     """Synthetic stage-3 targets where no unit extractor ran: two units per reply token
     (a fixed function of the token), so the speech decoder has a learnable mapping.

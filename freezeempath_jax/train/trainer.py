@@ -45,7 +45,8 @@ from freezeempath_jax.train.records import (_encoder_frames, _mel_frames, load_r
 from freezeempath_jax.train.step import TrainStep, make_train_step, maybe_initialize_distributed
 from freezeempath_jax.train import stream as stream_lib
 from freezeempath_jax.train.stream import SKIPPED
-from freezeempath_jax.train.targets import ReplyDistiller, toy_attributes, toy_units
+from freezeempath_jax.train.targets import (ReplyDistiller, toy_attributes, toy_units,
+                                            voice_genders)
 
 log = logging.getLogger("freezeempath_jax.train")
 
@@ -208,6 +209,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         toy_units(everything, model_cfg.speech_decoder.unit_vocab_size, tok)
     if model_cfg.emotion.num_attributes and synthetic:
         toy_attributes(everything, model_cfg.emotion.num_attributes)
+    if model_cfg.emotion.num_genders:
+        voice_genders(everything)
     frames = (_encoder_frames({"mel": np.zeros((1, _mel_frames(cfg.data.audio_seconds)))})
               if stream else _encoder_frames(train_recs[0]))
     builder = B_.BatchBuilder(
