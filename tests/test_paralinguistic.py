@@ -1,0 +1,118 @@
+"""OSUM-EChat recipe (configs/osum_echat.py): paralinguistic heads beyond emotion (speaker
+gender, age group) on the emotion extractor, and "dual thinking" (the assistant turn first
+states a short paralinguistic analysis, then replies).
+
+Unit level here: the heads' shapes and splicing, their losses and metrics through the train
+step, labels from records and from the synthetic corpus's eSpeak voices, and the analysis
+text. Learning on held-out voices and the end-to-end recipe are in
+tests/test_osum_echat.py.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from freezeempath_jax.models import FreezeEmpath, presets
+from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS
+from freezeempath_jax.models.emotion import EmotionExtractor
+from freezeempath_jax.sharding import make_mesh
+from freezeempath_jax.train import losses
+from freezeempath_jax.train.batches import cue_label
+from freezeempath_jax.train.step import example_batch, make_train_step
+
+MEL_FRAMES = 60
+
+
+def tiny_with_heads(splice: bool = False):
+    e = dataclasses.replace(presets.TINY.emotion, num_genders=len(GENDERS),
+                            num_age_groups=len(AGE_GROUPS), splice_cues=splice)
+    return dataclasses.replace(presets.TINY, emotion=e)
+
+
+@pytest.mark.parametrize("splice", [False, True])
+def test_heads_read_the_pooled_vector_and_splice_after_the_emotion_embedding(splice):
+    cfg = tiny_with_heads(splice).emotion
+    states = jax.random.normal(jax.random.key(0), (3, 2, 10, 32))
+    ex = EmotionExtractor(cfg, out_dim=16)
+    params = nn.meta.unbox(ex.init(jax.random.key(1), states)["params"])
+    out = ex.apply({"params": params}, states)
+    assert set(out.cue_logits) == {"gender", "age"}
+    assert out.cue_logits["gender"].shape == (2, 2) and out.cue_logits["age"].shape == (2, 3)
+    assert cfg.num_tokens == (3 if splice else 1)
+    assert out.embedding.shape == (2, cfg.num_tokens, 16)
+    assert ("gender_embed" in params) == splice
+    if splice:
+        # the spliced vector is the gender probabilities times the gender table
+        p = jax.nn.softmax(out.cue_logits["gender"], -1)
+        np.testing.assert_allclose(out.embedding[:, 1], p @ params["gender_embed"], atol=1e-6)
+    # without heads the extractor is unchanged: no cue logits, Q embeddings
+    plain = EmotionExtractor(presets.TINY.emotion, out_dim=16)
+    pp = nn.meta.unbox(plain.init(jax.random.key(1), states)["params"])
+    assert plain.apply({"params": pp}, states).cue_logits is None
+
+
+def test_cue_losses_add_with_their_weights_and_skip_unlabelled_rows():
+    logits = {"gender": jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])}
+    batch = {"emotion_label": jnp.array([0, 1, -1]), "gender_label": jnp.array([0, 0, -1])}
+    ser = jnp.zeros((3, 5))
+    base, _ = losses.ser_ce(ser, batch)
+    loss, sums = losses.ser_ce(ser, batch, cue_logits=logits, cue_weights={"gender": 0.5})
+    nll = [np.log1p(np.exp(-2.0)), np.log1p(np.exp(1.0))]  # rows 0 and 1; row 2 unlabelled
+    np.testing.assert_allclose(float(loss - base), 0.5 * np.mean(nll), rtol=1e-6)
+    m = losses.finalize_metrics(sums)
+    assert float(m["gender_accuracy"]) == 0.5 and float(m["num_gender_examples"]) == 2
+    # weight 0: measured, not trained
+    loss0, sums0 = losses.ser_ce(ser, batch, cue_logits=logits, cue_weights={"gender": 0.0})
+    assert float(loss0) == float(base) and "gender_sum" in sums0
+    with pytest.raises(ValueError, match="gender_weight > 0 needs a gender head"):
+        losses.ser_ce(ser, batch, cue_logits=None, cue_weights={"gender": 1.0})
+    with pytest.raises(ValueError, match=r"needs batch\['age_label'\]"):
+        losses.ser_ce(ser, batch, cue_logits={"age": jnp.zeros((3, 3))},
+                      cue_weights={"age": 1.0})
+
+
+@pytest.mark.parametrize("objective", ["ser_ce", "emotion_ce"])
+def test_train_step_trains_the_heads(objective):
+    model = tiny_with_heads(splice=True)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    ts = make_train_step(model, dict(stage="2a", objective=objective, steps=10,
+                                     learning_rate=3e-3, frozen_dtype="float32",
+                                     gender_weight=1.0, age_weight=0.5), mesh)
+    state, frozen = ts.init(jax.random.key(0))
+    assert {"gender_head", "age_head", "gender_embed", "age_embed"} <= set(
+        state.params["emotion"])  # trainable under stage 2a's table
+    batch = example_batch(model, objective, 4, mel_frames=MEL_FRAMES, seed=3)
+    first = None
+    for _ in range(6):
+        state, m = ts.step(state, frozen, batch)
+        first = first if first is not None else float(m["loss_gender"])
+    assert {"loss_gender", "gender_accuracy", "loss_age", "age_accuracy"} <= set(m)
+    assert float(m["num_gender_examples"]) == 3  # one row of 4 has no gender label
+    assert float(m["loss_gender"]) < first
+
+
+def test_labels_from_records():
+    assert cue_label({"gender": "female"}, "gender") == 0
+    assert cue_label({"gender": "male"}, "gender") == 1
+    assert cue_label({"age_group": "older"}, "age") == 2
+    assert cue_label({}, "gender") == -1 and cue_label(None, "age") == -1
+    assert cue_label({"gender": ""}, "gender") == -1
+    with pytest.raises(ValueError, match="gender 'boy' is not one of"):
+        cue_label({"id": "x", "gender": "boy"}, "gender")
+
+
+def test_synthetic_voices_have_both_genders():
+    from freezeempath_jax.data import synthetic
+
+    genders = {v: synthetic.voice_gender(v) for v in synthetic.VOICES["en"]}
+    assert sorted(genders.values()).count("female") == 4
+    assert sorted(genders.values()).count("male") == 4
+    assert synthetic.voice_gender("cmn") == "male"  # eSpeak's default voice
+    with pytest.raises(ValueError, match="unknown variant"):
+        synthetic.voice_gender("en+whisper")
+    plan = synthetic.synthetic_plan(2, seed=0)
+    assert all(r["gender"] == synthetic.voice_gender(r["voice"]) for r in plan)
