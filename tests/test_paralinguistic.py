@@ -9,6 +9,7 @@ tests/test_osum_echat.py.
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +117,110 @@ def test_synthetic_voices_have_both_genders():
         synthetic.voice_gender("en+whisper")
     plan = synthetic.synthetic_plan(2, seed=0)
     assert all(r["gender"] == synthetic.voice_gender(r["voice"]) for r in plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual thinking: the analysis text, the training rows, chat
+
+
+def test_analysis_text():
+    from freezeempath_jax.text.prompts import paralinguistic_analysis as analysis
+
+    assert analysis("sad", "female", "young") == "(The user sounds like a young woman, and sad.)"
+    assert analysis("neutral", "male") == "(The user sounds like a man, and calm.)"
+    assert analysis("angry") == "(The user sounds angry.)"
+    assert analysis(None, "male", "older") == "(The user sounds like an older man.)"
+    with pytest.raises(ValueError, match="unknown gender 'boy'"):
+        analysis("sad", "boy")
+    with pytest.raises(ValueError, match="at least one cue"):
+        analysis()
+
+
+def test_dual_thinking_rows_put_the_analysis_in_the_prompt_and_train_the_reply():
+    from freezeempath_jax.text import ByteTokenizer
+    from freezeempath_jax.train.batches import BatchBuilder
+    from freezeempath_jax.train.targets import add_analyses
+
+    cfg = tiny_with_heads()
+    tok = ByteTokenizer(cfg.llm.vocab_size, cfg.speech_token_id, cfg.emotion_token_id)
+    recs = [{"id": "a", "emotion": "sad", "gender": "female", "reply": "Oh no.",
+             "mel": np.zeros((cfg.whisper.n_mels, 60), np.float32)},
+            {"id": "b", "emotion": "happy", "gender": "male", "reply": "Great!", "task": "2a",
+             "mel": np.zeros((cfg.whisper.n_mels, 60), np.float32)}]
+    add_analyses(recs, cfg.emotions)
+    assert recs[0]["analysis"] == "(The user sounds like a woman, and sad.)"
+    plain = BatchBuilder(cfg, "2b", "emotion_ce", tok, 6, target_len=8)
+    dual = BatchBuilder(cfg, "2b", "emotion_ce", tok, 6, target_len=8, dual_thinking=True)
+    b0, b1 = plain(recs), dual(recs)
+    text = tok.decode([int(t) for t in b1["input_ids"][0]])
+    assert "(The user sounds like a woman, and sad.)\nOh no." in text
+    # the analysis is prompt (no loss); the reply tokens are trained as without it
+    assert b1["loss_mask"][0].sum() == b0["loss_mask"][0].sum()
+    trained = b1["targets"][0][b1["loss_mask"][0] > 0]
+    assert list(trained) == list(b0["targets"][0][b0["loss_mask"][0] > 0])
+    # 2a rows keep 2a's question and no analysis
+    np.testing.assert_array_equal(b1["input_ids"][1][:b1["attention_mask"][1].sum()],
+                                  b0["input_ids"][1][:b0["attention_mask"][1].sum()])
+    assert b1["gender_label"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="dual_thinking applies to stage 2b"):
+        BatchBuilder(cfg, "2a", "emotion_ce", tok, 6, dual_thinking=True)
+
+
+def _chat_model(dual: bool):
+    from freezeempath_jax.checkpoints.model_tree import init_boxed_params
+    from freezeempath_jax.inference import ChatModel
+    from freezeempath_jax.text import ByteTokenizer
+
+    cfg = tiny_with_heads()
+    shapes = nn.meta.unbox(jax.eval_shape(lambda r: init_boxed_params(cfg, r),
+                                          jax.random.PRNGKey(0)))
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: jnp.asarray(
+        (1.0 if s.ndim == 1 else 0.1) * rng.randn(*s.shape), s.dtype), shapes)
+    tok = ByteTokenizer(cfg.llm.vocab_size, cfg.speech_token_id, cfg.emotion_token_id)
+    return ChatModel(cfg, params, tok, chat_template="plain", audio_seconds=0.6,
+                     dual_thinking=dual)
+
+
+def test_chat_with_dual_thinking_on_and_off_differ():
+    from freezeempath_jax.inference import Conversation
+
+    clips = [0.1 * np.random.RandomState(i).randn(9600).astype(np.float32) for i in range(2)]
+    off, on = _chat_model(False), _chat_model(True)
+    kw = dict(max_new_tokens=6, temperature=0.0)
+    r_off, r_on = off.respond(clips, **kw), on.respond(clips, **kw)
+    for a, b in zip(r_off, r_on):
+        assert a.analysis is None and a.cues == b.cues and set(a.cues) == {"gender", "age"}
+        want = f"(The user sounds like {'an' if b.cues['age'] == 'older' else 'a'} " \
+               f"{b.cues['age']} {'woman' if b.cues['gender'] == 'female' else 'man'}, and "
+        assert b.analysis.startswith(want), (b.analysis, b.cues)
+        assert b.emotion == a.emotion
+    # the analysis conditions the reply: the frozen LLM continues a different prompt
+    assert [a.text_ids for a in r_off] != [b.text_ids for b in r_on]
+    # the conversation keeps the analysis as part of the assistant's turn
+    conv = Conversation()
+    r = on.respond(clips[:1], [conv], **kw)[0]
+    assert conv.turns[0].reply_ids == r.analysis_ids + r.text_ids and r.analysis_ids
+
+
+def test_chat_command_switch(tmp_path):
+    import soundfile as sf
+
+    from freezeempath_jax.cli import main
+    from freezeempath_jax.inference import run_chat
+
+    wav = tmp_path / "q.wav"
+    sf.write(wav, 0.1 * np.random.RandomState(0).randn(9600).astype(np.float32), 16000)
+    model = _chat_model(False)
+    lines = {}
+    for mode in (None, True, False):
+        out = tmp_path / f"out_{mode}.jsonl"
+        assert run_chat(model, str(wav), str(out), max_new_tokens=4, batch_size=1,
+                        temperature=0.0, progress=False, dual_thinking=mode) == 0
+        lines[mode] = json.loads(out.read_text())
+    assert "analysis" not in lines[None] and "analysis" not in lines[False]
+    assert lines[True]["analysis"].startswith("(The user sounds like")
+    assert set(lines[True]["paralinguistic"]) == {"gender", "age"}
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", "x", "--input", str(wav), "--output", "o.jsonl",
+              "--dual-thinking", "maybe"])

@@ -168,6 +168,10 @@ def data_section() -> ml_collections.ConfigDict:
     d.teacher_template = "{transcript}"  # what the teacher LLM reads instead of speech
     d.teacher_emotion_template = "{transcript} (with a {emotion} emotional tone)."  # 2b teacher
     d.teacher_neutral_plain = False  # True: neutral clips get the plain teacher text
+    # OSUM-EChat dual thinking (stage 2b, and chat's default): the assistant turn opens with
+    # a paralinguistic analysis ("(The user sounds like a woman, and sad.)", from the labels
+    # in training, from the heads' predictions in chat) and the reply follows it
+    d.dual_thinking = False
     d.units_len = 64  # stage 3: unit tokens per example
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)
