@@ -62,3 +62,55 @@ def test_gender_head_learns_on_held_out_voices(tmp_path):
     assert out["eval/num_gender_examples"] == len(held)
     assert out["eval/gender_accuracy"] >= 0.8  # chance: 0.5
     assert out["eval/ser_accuracy"] >= 0.7  # the SER head still learns beside it
+
+
+# The small recipe, a few steps per stage: (stage name, config stage, objective, steps).
+SMALL_STAGES = (("1", "1", None, 2), ("ser", "2a", "ser_ce", 40), ("2a", "2a", None, 2),
+                ("2b", "2b", None, 2))
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_small_config_trains_end_to_end_and_chats_with_dual_thinking(tmp_path):
+    from freezeempath_jax.real_models import MissingModelError, smollm2_gguf, whisper_tiny_en_ct2
+
+    try:
+        smollm2_gguf(), whisper_tiny_en_ct2()
+    except MissingModelError as e:
+        pytest.skip(str(e))
+    from freezeempath_jax.data.manifests import read_manifest
+    from freezeempath_jax.inference import load_chat_model
+    from freezeempath_jax.audio import load_audio
+
+    tic = time.perf_counter()
+    done, results = [], {}
+    for name, stage, objective, steps in SMALL_STAGES:
+        over = {"stage": stage, "data.dir": str(tmp_path / "data"),
+                "data.cache_dir": str(tmp_path / "cache"), "data.num_per_emotion": 8,
+                "init.previous": tuple(done), "train.steps": steps, "train.eval_batches": 1}
+        if objective:
+            over["loss.objective"] = objective
+        cfg = _config("small", **over)
+        workdir = str(tmp_path / f"stage_{name}")
+        results[name] = trainer.train(cfg, workdir)
+        done.append(workdir)
+    seconds = time.perf_counter() - tic
+    print(f"osum_echat:small, stages {[s[0] for s in SMALL_STAGES]} in {seconds:.0f} s; "
+          f"gender accuracy after the warm-up (held-out clips of the corpus split): "
+          f"{results['ser']['eval/gender_accuracy']:.3f}")
+    for name, out in results.items():
+        assert out["step"] == dict((s[0], s[3]) for s in SMALL_STAGES)[name]
+        assert all(v == v for k, v in out.items() if isinstance(v, float)), (name, out)
+    assert "eval/gender_accuracy" in results["2a"] and "train/loss_gender" in results["2b"]
+
+    held = read_manifest(str(tmp_path / "data" / "test.jsonl"))[:3]
+    clips = [load_audio(r["audio"]) for r in held]
+    bot = load_chat_model(str(tmp_path / "stage_2b"))
+    assert bot.dual_thinking  # the checkpoint's default: it was trained with dual thinking
+    on = bot.respond(clips, max_new_tokens=12, temperature=0.0)
+    off = load_chat_model(str(tmp_path / "stage_2b"), dual_thinking=False).respond(
+        clips, max_new_tokens=12, temperature=0.0)
+    for a, b in zip(on, off):
+        assert a.analysis and a.analysis.startswith("(The user sounds like a")
+        assert b.analysis is None and a.cues == b.cues and "gender" in a.cues
+    assert [r.text for r in on] != [r.text for r in off]

@@ -224,3 +224,59 @@ def test_chat_command_switch(tmp_path):
     with pytest.raises(SystemExit):
         main(["chat", "--model", "x", "--input", str(wav), "--output", "o.jsonl",
               "--dual-thinking", "maybe"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Speaker metadata of the SER corpora
+
+
+def test_corpora_carry_gender_and_age_for_the_heads(tmp_path):
+    from test_data_corpora import build, by_id, make_crema, make_iemocap, read_all
+
+    from freezeempath_jax.data import ser_corpora
+    from freezeempath_jax.data.ser_corpora import SkipReport, age_group
+
+    assert [age_group(a) for a in (20, 34.9, 35, 54, 55, 74)] == [
+        "young", "young", "middle-aged", "middle-aged", "older", "older"]
+    # IEMOCAP: the utterance name's last part starts with its speaker's gender
+    recs = by_id(ser_corpora.parse_corpus("iemocap", make_iemocap(tmp_path / "iemocap"),
+                                          SkipReport("iemocap")))
+    assert recs["Ses01F_impro01_M001"]["gender"] == "male"
+    assert recs["Ses05M_script01_1_F001"]["gender"] == "female"
+    assert all(r["age_group"] == "" for r in recs.values())
+    # CREMA-D without VideoDemographics.csv: empty, and the report says so
+    root = make_crema(tmp_path / "crema")
+    report = SkipReport("crema_d")
+    recs = by_id(ser_corpora.parse_corpus("crema_d", root, report))
+    assert all(r["gender"] == "" and r["age_group"] == "" for r in recs.values())
+    assert any("VideoDemographics.csv" in n for n in report.notes)
+    # ... with it (beside AudioWAV/, as the corpus's repository lays it out)
+    (root / "CREMA-D" / "VideoDemographics.csv").write_text(
+        "ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,Caucasian,Not Hispanic\n"
+        "1090,21,Female,Asian,Not Hispanic\n1003,62,Male,Caucasian,Not Hispanic\n")
+    recs = by_id(ser_corpora.parse_corpus("crema_d", root, SkipReport("crema_d")))
+    assert (recs["1001_DFA_ANG_XX"]["gender"], recs["1001_DFA_ANG_XX"]["age_group"]) == (
+        "male", "middle-aged")
+    assert (recs["1090_TIE_SAD_LO"]["gender"], recs["1090_TIE_SAD_LO"]["age_group"]) == (
+        "female", "young")
+    assert recs["1004_TSI_NEU_XX"]["gender"] == ""  # an actor the table does not list
+    # the tfds builder stores them, and `eval --input tfds:crema_d` reads them back
+    b = build("crema_d", root, tmp_path)
+    ex = read_all(b, "train")["1001_DFA_ANG_XX"]
+    assert ex["gender"] == b"male" and ex["age_group"] == b"middle-aged"
+
+
+def test_ser_evaluation_scores_the_heads():
+    from freezeempath_jax.evaluation.ser import evaluate_ser
+
+    model = _chat_model(False)
+    rng = np.random.RandomState(0)
+    recs = [{"id": str(i), "samples": 0.1 * rng.randn(9600).astype(np.float32),
+             "emotion": "sad", "gender": ("female", "male")[i % 2]} for i in range(6)]
+    recs[5].pop("gender")  # no label: left out of the gender scores only
+    out = evaluate_ser(model, recs, batch_size=4, resamples=50, progress=False)
+    g = out["paralinguistic"]["gender"]
+    assert out["n"] == 6 and g["n"] == 5 and g["labels"] == list(GENDERS)
+    assert np.sum(g["confusion"]) == 5 and 0.0 <= g["accuracy"] <= 1.0
+    assert "age" not in out["paralinguistic"]  # no item has an age label
+    assert all("gender_prediction" in r for r in recs)
