@@ -64,6 +64,20 @@ def test_gender_head_learns_on_held_out_voices(tmp_path):
     assert out["eval/ser_accuracy"] >= 0.7  # the SER head still learns beside it
 
 
+def test_tiny_2b_trains_with_dual_thinking_and_the_gender_head(tmp_path):
+    """Stage 2b of the tiny recipe: dual-thinking rows (analysis in the prompt, the frozen
+    LLM's reply after it as target), 2a rows mixed in, the gender head's CE beside SER's."""
+    cfg = _config("tiny", **{"stage": "2b", "data.dir": str(tmp_path / "corpus"),
+                             "data.num_per_emotion": 8, "train.steps": 30,
+                             "train.log_every": 10, "train.eval_batches": 1})
+    out = trainer.train(cfg, str(tmp_path / "run"))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert out["step"] == 30
+    for key in ("loss_ce", "loss_ser", "loss_gender"):
+        assert all(r[key] == r[key] for r in rows), key  # finite, present
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
 # The small recipe, a few steps per stage: (stage name, config stage, objective, steps).
 SMALL_STAGES = (("1", "1", None, 2), ("ser", "2a", "ser_ce", 40), ("2a", "2a", None, 2),
                 ("2b", "2b", None, 2))
