@@ -105,6 +105,8 @@ def main():
 
     # gender on held-out voices: the warm-up again, two voices never trained on
     cfg = _config("2a", w, [d["1"]], "ser_ce", steps.get("ser"))
+    with cfg.unlocked():
+        cfg.train.eval_batches = 0  # every clip of the held-out voices
     tr, ev = _synthetic_records(cfg, w)
     every = tr + ev
     voices = _train(cfg, d["ser_voices"],

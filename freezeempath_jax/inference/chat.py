@@ -345,7 +345,9 @@ class ChatModel:
         emotions = self.config.emotions
         probs = np.asarray(jax.nn.softmax(jnp.asarray(enc.ser_logits, jnp.float32), axis=-1))
         cues = self.cue_labels(enc)
-        return [Reply(text=self.codec.decode(text_ids[i]), text_ids=text_ids[i],
+        # after the analysis's line break a tokenizer may open the reply with a space
+        strip = (lambda t: t.lstrip()) if prompts.analyses is not None else (lambda t: t)
+        return [Reply(text=strip(self.codec.decode(text_ids[i])), text_ids=text_ids[i],
                       units=None if units is None else units[i],
                       emotion=emotions[int(np.argmax(probs[i]))],
                       probabilities={e: float(p) for e, p in zip(emotions, probs[i])},
