@@ -280,3 +280,24 @@ def test_ser_evaluation_scores_the_heads():
     assert np.sum(g["confusion"]) == 5 and 0.0 <= g["accuracy"] <= 1.0
     assert "age" not in out["paralinguistic"]  # no item has an age label
     assert all("gender_prediction" in r for r in recs)
+
+
+
+def test_eval_command_writes_each_heads_confusion(tmp_path):
+    import soundfile as sf
+
+    from freezeempath_jax.evaluation import run_eval
+
+    rng = np.random.RandomState(1)
+    lines = []
+    for i in range(4):
+        path = tmp_path / f"{i}.wav"
+        sf.write(path, 0.1 * rng.randn(9600).astype(np.float32), 16000)
+        lines.append(json.dumps({"id": str(i), "audio": str(path), "emotion": "happy",
+                                 "gender": ("female", "male")[i % 2]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_eval(_chat_model(False), "ser", str(tmp_path / "m.jsonl"), str(tmp_path / "out"),
+                    batch_size=4, resamples=20, progress=False) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["paralinguistic"]["gender"]["n"] == 4
+    assert (tmp_path / "out" / "confusion_gender.png").stat().st_size > 0
