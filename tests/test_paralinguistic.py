@@ -10,6 +10,7 @@ tests/test_osum_echat.py.
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -218,12 +219,23 @@ def test_chat_command_switch(tmp_path):
         assert run_chat(model, str(wav), str(out), max_new_tokens=4, batch_size=1,
                         temperature=0.0, progress=False, dual_thinking=mode) == 0
         lines[mode] = json.loads(out.read_text())
+    assert model.dual_thinking is False  # the switch never changes the caller's model
     assert "analysis" not in lines[None] and "analysis" not in lines[False]
     assert lines[True]["analysis"].startswith("(The user sounds like")
     assert set(lines[True]["paralinguistic"]) == {"gender", "age"}
     with pytest.raises(SystemExit):
         main(["chat", "--model", "x", "--input", str(wav), "--output", "o.jsonl",
               "--dual-thinking", "maybe"])
+    # the command line: the default follows the config (osum_echat trains with dual
+    # thinking), `--dual-thinking off` overrides it
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "osum_echat.py") + ":tiny"
+    for flag, expect in (([], True), (["--dual-thinking", "off"], False)):
+        out = tmp_path / f"cli_{expect}.jsonl"
+        assert main(["chat", "--model", config, "--input", str(wav), "--output", str(out),
+                     "--max-new-tokens", "3", "--temperature", "0", "--batch-size", "1"]
+                    + flag) == 0
+        assert ("analysis" in json.loads(out.read_text())) == expect
 
 
 # ---------------------------------------------------------------------------------------------

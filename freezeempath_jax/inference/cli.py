@@ -9,6 +9,7 @@ before the model loads.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -274,7 +275,9 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
                         seed) if audio_out else None)
     if isinstance(model_path_or_config, ChatModel):
         chat_model = model_path_or_config
-        if dual_thinking is not None:
+        if dual_thinking is not None and bool(dual_thinking) != chat_model.dual_thinking:
+            # the caller's model is left as it was: this run answers with a shallow copy
+            chat_model = copy.copy(chat_model)
             chat_model.dual_thinking = bool(dual_thinking)
     else:
         extra = {} if dual_thinking is None else {"dual_thinking": bool(dual_thinking)}
