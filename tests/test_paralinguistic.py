@@ -313,3 +313,19 @@ def test_eval_command_writes_each_heads_confusion(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["paralinguistic"]["gender"]["n"] == 4
     assert (tmp_path / "out" / "confusion_gender.png").stat().st_size > 0
+
+
+def test_recipe_config_sizes_and_errors():
+    from freezeempath_jax.inference import load_config_file
+    from freezeempath_jax.train import defaults
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "osum_echat.py")
+    full, tiny = load_config_file(config), load_config_file(config + ":tiny")
+    assert (full.model.emotion.num_genders, full.model.emotion.num_age_groups) == (2, 3)
+    assert (tiny.model.emotion.num_genders, tiny.model.emotion.num_age_groups) == (2, 0)
+    assert full.data.dual_thinking and tiny.data.dual_thinking
+    assert tiny.loss.gender_weight > 0 and tiny.loss.age_weight == 0
+    defaults.validate(tiny)
+    with pytest.raises(ValueError, match="choose one of full, tiny, small"):
+        load_config_file(config + ":huge")
