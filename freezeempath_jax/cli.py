@@ -27,6 +27,16 @@ def _distill(args):
     return 0
 
 
+def _on_off(value: str) -> bool:
+    """argparse type of an on/off switch (`--dual-thinking on|off`)."""
+    v = str(value).strip().lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 'on' or 'off', got {value!r}")
+
+
 def _chat(args):
     from freezeempath_jax.checkpoints.errors import CheckpointError
     from freezeempath_jax.inference.cli import ChatUsageError, run_chat
@@ -36,7 +46,8 @@ def _chat(args):
         failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
                           batch_size=args.batch_size, init_overrides=overrides or None,
-                          audio_out=args.audio_out, unit_decoder=args.unit_decoder)
+                          audio_out=args.audio_out, unit_decoder=args.unit_decoder,
+                          dual_thinking=args.dual_thinking)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -125,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--unit-decoder", default=None, metavar="PATH",
                    help="units-to-waveform decoder for --audio-out: the release's decoder "
                         "folder or a converted one (default: MODEL/unit_decoder)")
+    h.add_argument("--dual-thinking", default=None, type=_on_off, metavar="on|off",
+                   help="OSUM-EChat dual thinking: open each reply with a paralinguistic "
+                        "analysis from the model's heads, e.g. '(The user sounds like a woman, "
+                        "and sad.)' (the line gets `analysis`); default: as the checkpoint "
+                        "was trained (data.dual_thinking)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

@@ -24,7 +24,7 @@ def shared_audio_dir():
 # README's `pytest -n 2 --dist loadfile --no-loadscope-reorder` one worker starts the demo at
 # once while the other takes the rest (xdist's default reorder puts files with many tests
 # first, which left the demo running alone at the end).
-LONGEST_FIRST = ("test_demo.py", "test_trainer.py")
+LONGEST_FIRST = ("test_demo.py", "test_trainer.py", "test_osum_echat.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

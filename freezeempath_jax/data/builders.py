@@ -60,8 +60,17 @@ def _ser_features() -> tfds.features.FeaturesDict:
             "source_label": tfds.features.Text(),
             # arousal, valence, dominance; NaN where the corpus has no ratings.
             "attributes": tfds.features.Tensor(shape=(len(ATTRIBUTES),), dtype=np.float32),
+            # speaker metadata for the paralinguistic heads; "" where the corpus has none
+            "gender": tfds.features.Text(),
+            "age_group": tfds.features.Text(),
         }
     )
+
+
+# Version of the emotion-speech builders (SER corpora and the synthetic corpus).
+SER_VERSION = tfds.core.Version("1.1.0")
+SER_RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "Speaker gender and age group (paralinguistic heads)."}
 
 
 def header_problem(path: str, *, max_seconds: float = 30.0) -> Tuple[Optional[str], str]:
@@ -240,6 +249,8 @@ class _SerCorpusBuilder(_SpeechBuilder, skip_registration=True):
     """Builder of one corpus of `ser_corpora.CORPORA` (set `CORPUS`)."""
 
     CORPUS = ""
+    VERSION = SER_VERSION
+    RELEASE_NOTES = SER_RELEASE_NOTES
 
     @classmethod
     def corpus(cls) -> ser_corpora.Corpus:
@@ -280,6 +291,8 @@ class _SerCorpusBuilder(_SpeechBuilder, skip_registration=True):
                 "language": record["language"],
                 "source_label": record["source_label"],
                 "attributes": _attributes(record),
+                "gender": record.get("gender", ""),
+                "age_group": record.get("age_group", ""),
             }
 
         return self._examples(records, split, example)
@@ -337,6 +350,8 @@ class SyntheticEmotionsBuilder(_SpeechBuilder):
         ),
     ]
     DEFAULT_CONFIG_NAME = "small"
+    VERSION = SER_VERSION
+    RELEASE_NOTES = SER_RELEASE_NOTES
 
     def _info(self):
         features = dict(_ser_features())
@@ -370,6 +385,8 @@ class SyntheticEmotionsBuilder(_SpeechBuilder):
                 "language": record["language"],
                 "source_label": record["emotion"],
                 "attributes": np.full(len(ATTRIBUTES), np.nan, np.float32),
+                "gender": record.get("gender", ""),
+                "age_group": "",
                 "kind": record["kind"],
             }
 

@@ -5,9 +5,13 @@ classes (`EMOTIONS`: angry, surprised, happy, sad, neutral), drops the other cla
 by source label) and yields plain dict records:
 
     {"id", "audio" (path), "label" (index into EMOTIONS), "emotion", "speaker", "transcript",
-     "split", "corpus", "language", "source_label", "attributes" (dict, possibly empty)}
+     "split", "corpus", "language", "source_label", "attributes" (dict, possibly empty),
+     "gender" ("female" / "male"), "age_group" (`AGE_GROUPS`)}
 
-`transcript` and `speaker` are "" where a corpus has none. Records whose audio is missing or
+`transcript`, `speaker`, `gender` and `age_group` are "" where a corpus has none (speaker
+metadata, for the paralinguistic heads of configs/osum_echat.py: IEMOCAP gives the gender of
+each utterance's speaker; CREMA-D gives gender and age from its VideoDemographics.csv when
+that file lies beside AudioWAV/ or in `manual_dir`; the others give neither). Records whose audio is missing or
 whose label is unknown are skipped and counted in a `SkipReport`; a missing `manual_dir` or a
 layout that does not match raises `CorpusLayoutError`, which says what was expected where.
 Audio is not decoded here: the tfds builders (`builders.py`) do that and skip unreadable,
@@ -47,6 +51,17 @@ log = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".aiff", ".aif")
 # Order of the dimensional attributes wherever they are stored as a vector.
 ATTRIBUTES = ("arousal", "valence", "dominance")
+# Age groups of the paralinguistic age head (models.configs.AGE_GROUPS) by age in years:
+# under 35 young, 35-54 middle-aged, 55 and over older.
+AGE_GROUP_BOUNDS = ((35, "young"), (55, "middle-aged"))
+
+
+def age_group(age: float) -> str:
+    """The age group (`AGE_GROUPS`) of an age in years."""
+    for bound, name in AGE_GROUP_BOUNDS:
+        if age < bound:
+            return name
+    return "older"
 
 
 class CorpusLayoutError(ValueError):
@@ -130,6 +145,8 @@ def _record(
     transcript: str = "",
     language: str = "",
     attributes: Optional[Dict[str, float]] = None,
+    gender: str = "",
+    age: str = "",
 ) -> dict:
     return {
         "id": id_,
@@ -143,6 +160,8 @@ def _record(
         "language": language,
         "source_label": source_label,
         "attributes": dict(attributes or {}),
+        "gender": gender,
+        "age_group": age,
     }
 
 
@@ -333,6 +352,7 @@ class Iemocap(Corpus):
                         self.name, utt, audio, self.LABELS[source], split, source,
                         speaker=f"{utt[:5]}{gender}", transcript=transcripts.get(utt, ""),
                         language=self.language, attributes=attributes,
+                        gender={"F": "female", "M": "male"}.get(gender, ""),
                     )
 
 
@@ -510,7 +530,9 @@ class CremaD(Corpus):
     Layout: `AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav`, e.g. `1001_DFA_ANG_XX.wav`.
     ANG, HAP, SAD, NEU map to angry, happy, sad, neutral; DIS and FEA are dropped. The
     transcript comes from the sentence code. Split (speaker independent): actors 1001-1081
-    train, 1082-1091 test.
+    train, 1082-1091 test. Speaker gender and age group come from the corpus's
+    `VideoDemographics.csv` (ActorID, Age, Sex, ...) when it lies beside AudioWAV/ or in
+    `manual_dir` (the repository's layout); without it they are left empty (noted).
     """
 
     name = "crema_d"
@@ -535,6 +557,28 @@ class CremaD(Corpus):
         "WSI": "We'll stop in a couple of minutes.",
     }
     FIRST_TEST_ACTOR = 1082
+    DEMOGRAPHICS = "VideoDemographics.csv"
+
+    def _demographics(self, folders, report) -> Dict[str, Tuple[str, str]]:
+        """{actor: (gender, age group)} from VideoDemographics.csv; {} (noted) without it."""
+        path = next((Path(f) / self.DEMOGRAPHICS for f in folders
+                     if (Path(f) / self.DEMOGRAPHICS).is_file()), None)
+        if path is None:
+            report.note(f"no {self.DEMOGRAPHICS} beside AudioWAV/: speaker gender and age "
+                        "are left empty")
+            return {}
+        out = {}
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f):
+                actor = (row.get("ActorID") or "").strip()
+                sex = (row.get("Sex") or "").strip().lower()
+                try:
+                    age = age_group(float(row.get("Age") or ""))
+                except ValueError:
+                    age = ""
+                if actor:
+                    out[actor] = ({"female": "female", "male": "male"}.get(sex, ""), age)
+        return out
     _NAME = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
 
     def records(self, manual_dir, report=None):
@@ -551,12 +595,14 @@ class CremaD(Corpus):
             raise self.layout_error(
                 manual_dir, "no AudioWAV/ folder or 1001_DFA_ANG_XX.wav files found"
             )
+        demographics = self._demographics([dirs[0].parent, manual_dir], report)
         for audio in _audio_files(dirs[0]):
             m = self._NAME.match(audio.stem)
             if not m:
                 report.skip("bad_filename", os.fspath(audio))
                 continue
             actor, sentence, code, _level = m.groups()
+            gender, age = demographics.get(actor, ("", ""))
             split = "test" if int(actor) >= self.FIRST_TEST_ACTOR else "train"
             if code in self.DROPPED:
                 report.drop(code, split)
@@ -567,6 +613,7 @@ class CremaD(Corpus):
             yield _record(
                 self.name, audio.stem, audio, self.LABELS[code], split, code,
                 speaker=actor, transcript=self.SENTENCES.get(sentence, ""), language=self.language,
+                gender=gender, age=age,
             )
 
 

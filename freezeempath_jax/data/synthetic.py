@@ -71,6 +71,19 @@ VOICES: Dict[str, Tuple[str, ...]] = {
     "zh": ("cmn", "cmn+f2", "cmn+m3", "cmn+f4"),
 }
 
+
+
+def voice_gender(voice: str) -> str:
+    """Speaker gender of an eSpeak voice as used here: variants `+f<n>` are female, `+m<n>`
+    and the bare language voices (eSpeak's default voice is male) are male."""
+    variant = voice.rsplit("+", 1)[1] if "+" in voice else ""
+    if variant[:1] == "f":
+        return "female"
+    if variant[:1] in ("m", ""):
+        return "male"
+    raise ValueError(f"voice {voice!r}: unknown variant {variant!r} (expected +f<n> or +m<n>)")
+
+
 NEUTRAL_INSTRUCTIONS: Dict[str, Tuple[str, ...]] = {
     "en": (
         "How do I bake a loaf of bread at home?",
@@ -502,7 +515,7 @@ def synthetic_plan(
     `_clip_plan`).
 
     Each record holds the manifest fields (id, transcript, emotion, label, speaker, voice,
-    language, split, kind) plus `clip_seed`; `render_synthetic(record)` makes its audio.
+    gender (of the voice, `voice_gender`), language, split, kind) plus `clip_seed`; `render_synthetic(record)` makes its audio.
     Each clip depends only on the seed and its (language, emotion, index), and splits are
     drawn per (language, emotion), so every split holds every class when it is non-empty.
     """
@@ -532,6 +545,7 @@ def synthetic_plan(
                         "label": label,
                         "speaker": clip["voice"],
                         "voice": clip["voice"],
+                        "gender": voice_gender(clip["voice"]),
                         "language": language,
                         "split": split_of[index],
                         "kind": clip["kind"],

@@ -82,6 +82,9 @@ def run_eval(model, task: str, input_path: str, output_dir: str, *, judge=None, 
     write_outputs(output_dir, results, records)
     if task == "ser" and results["n"]:
         plot_confusion(results, os.path.join(output_dir, "confusion.png"))
+        for name, head in results.get("paralinguistic", {}).items():  # OSUM-EChat heads
+            plot_confusion(head, os.path.join(output_dir, f"confusion_{name}.png"),
+                           title=name)
     if task == "ablation":
         from freezeempath_jax.evaluation.ablation import write_table
         write_table(results, output_dir)

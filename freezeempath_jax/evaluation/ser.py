@@ -7,6 +7,11 @@ per-class recalls, what SER papers call UA; equal to scikit-learn's
 `balanced_accuracy_score`), macro F1, the confusion matrix (rows = truth, columns =
 prediction, both in the model's label order), and 95% percentile-bootstrap intervals of the
 three scores (items resampled with replacement, seeded).
+
+Paralinguistic heads (configs/osum_echat.py): when the model has a gender / age-group head
+and items carry `gender` / `age_group`, the same clips are scored on each head too
+(`results["paralinguistic"][head]`: accuracy, unweighted accuracy, confusion, intervals);
+items without the label are left out of that head's scores only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from freezeempath_jax.evaluation.common import batches, bootstrap_ci, load_clips
-from freezeempath_jax.models.configs import EMOTIONS
+from freezeempath_jax.models.configs import AGE_GROUPS, EMOTIONS, GENDERS
+
+# Record field and classes of each paralinguistic head.
+CUE_FIELDS = {"gender": ("gender", GENDERS), "age": ("age_group", AGE_GROUPS)}
 
 # Labels of the public SER sets mapped to the release's five classes (IEMOCAP merges
 # "excited" into happy, as the paper's 5-class setup does).
@@ -40,13 +48,43 @@ def predict_emotions(chat_model, clips: Sequence[np.ndarray], batch_size: int = 
                      ) -> List[str]:
     """The SER label of each clip, computed as `ChatModel.respond` computes it (the same
     encoder call, the same batch padding, argmax of the softmax)."""
+    return predict_heads(chat_model, clips, batch_size)[0]
+
+
+def predict_heads(chat_model, clips: Sequence[np.ndarray], batch_size: int = 8):
+    """(SER labels, paralinguistic labels): the emotion of each clip as `predict_emotions`
+    gives it, and each clip's {head: label} of the model's paralinguistic heads ({} without),
+    from one encoder pass."""
     labels = chat_model.config.emotions
     out: List[str] = []
+    cues: List[dict] = []
     for part in batches(list(clips), batch_size):
         enc = chat_model.encode(list(part), batch_size)
         probs = np.asarray(jax.nn.softmax(jnp.asarray(enc.ser_logits, jnp.float32), axis=-1))
         out += [labels[int(i)] for i in probs[:len(part)].argmax(-1)]
-    return out
+        rows = [{} for _ in part]
+        for name, logits in (getattr(enc, "cue_logits", None) or {}).items():
+            for i, k in enumerate(np.asarray(logits)[:len(part)].argmax(-1)):
+                rows[i][name] = CUE_FIELDS[name][1][int(k)]
+        cues += rows
+    return out, cues
+
+
+def head_scores(truth: Sequence[str], pred: Sequence[str], labels: Sequence[str], *,
+                resamples: int = 1000, seed: int = 0) -> dict:
+    """Scores of one classification head (a paralinguistic head): n, labels, accuracy,
+    unweighted accuracy, macro F1, confusion (rows = truth) and 95% bootstrap intervals."""
+    k = len(labels)
+    t = np.array([list(labels).index(x) for x in truth], np.int64)
+    p = np.array([list(labels).index(x) for x in pred], np.int64)
+    scores = ser_scores(t, p, k)
+    ci = {name: bootstrap_ci(len(t), lambda idx, name=name: ser_scores(t[idx], p[idx], k)[name],
+                             resamples=resamples, seed=seed)
+          for name in ("accuracy", "unweighted_accuracy")} if len(t) else {}
+    return {"n": int(len(t)), "labels": list(labels), "accuracy": scores["accuracy"],
+            "unweighted_accuracy": scores["unweighted_accuracy"],
+            "macro_f1": scores["macro_f1"], "confusion": scores["confusion"].tolist(),
+            "ci95": ci}
 
 
 def ser_scores(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
@@ -94,12 +132,17 @@ def evaluate_ser(chat_model, records: List[dict], *, batch_size: int = 8,
     clips = [c for c in clips if c is not None]
     with tqdm(total=len(good), desc="ser", unit="clip", disable=not progress) as bar:
         preds: List[str] = []
+        cues: List[dict] = []
         for part in batches(clips, batch_size):
-            preds += predict_emotions(chat_model, part, batch_size)
+            e, c = predict_heads(chat_model, part, batch_size)
+            preds += e
+            cues += c
             bar.update(len(part))
-    for r, p in zip(good, preds):
+    for r, p, c in zip(good, preds, cues):
         r["prediction"] = p
         r["correct"] = p == r["emotion"]
+        for name, label in c.items():
+            r[f"{name}_prediction"] = label
     truth = np.array([labels.index(r["emotion"]) for r in good], np.int64)
     pred = np.array([labels.index(p) for p in preds], np.int64)
     k = len(labels)
@@ -107,15 +150,26 @@ def evaluate_ser(chat_model, records: List[dict], *, batch_size: int = 8,
     ci = {name: bootstrap_ci(len(truth), lambda idx, name=name: ser_scores(
         truth[idx], pred[idx], k)[name], resamples=resamples, seed=seed)
         for name in ("accuracy", "unweighted_accuracy", "macro_f1")}
-    return {"task": "ser", "n": len(good), "n_errors": len(records) - len(good),
-            "labels": labels, "accuracy": scores["accuracy"],
-            "unweighted_accuracy": scores["unweighted_accuracy"],
-            "macro_f1": scores["macro_f1"], "confusion": scores["confusion"].tolist(),
-            "ci95": ci}
+    para = {}
+    for name in sorted({n for c in cues for n in c}):
+        field, classes = CUE_FIELDS[name]
+        rows = [(r[field], c[name]) for r, c in zip(good, cues) if r.get(field) in classes]
+        if rows:
+            para[name] = head_scores([a for a, _ in rows], [b for _, b in rows], classes,
+                                     resamples=resamples, seed=seed)
+    out = {"task": "ser", "n": len(good), "n_errors": len(records) - len(good),
+           "labels": labels, "accuracy": scores["accuracy"],
+           "unweighted_accuracy": scores["unweighted_accuracy"],
+           "macro_f1": scores["macro_f1"], "confusion": scores["confusion"].tolist(),
+           "ci95": ci}
+    if para:
+        out["paralinguistic"] = para
+    return out
 
 
-def plot_confusion(results: dict, path: str) -> str:
-    """Row-normalised confusion matrix PNG (counts written in the cells)."""
+def plot_confusion(results: dict, path: str, title: str = "SER") -> str:
+    """Row-normalised confusion matrix PNG (counts written in the cells); `results` is the
+    SER results or one head's scores (`results["paralinguistic"][head]`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +187,7 @@ def plot_confusion(results: dict, path: str) -> str:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"SER: UA {results['unweighted_accuracy']:.3f}, n {results['n']}")
+    ax.set_title(f"{title}: UA {results['unweighted_accuracy']:.3f}, n {results['n']}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -170,6 +224,12 @@ def read_tfds(name: str, split: str = "test", data_dir: Optional[str] = None) ->
         for i in range(len(source)):
             ex = source[i]
             rid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
-            records.append({"id": rid, "emotion": EMOTIONS[int(ex["label"])],
-                            "samples": np.asarray(ex["audio"], np.float32) / 32768.0})
+            rec = {"id": rid, "emotion": EMOTIONS[int(ex["label"])],
+                   "samples": np.asarray(ex["audio"], np.float32) / 32768.0}
+            for field in ("gender", "age_group"):  # speaker metadata (builders >= 1.1.0)
+                value = ex.get(field, b"") if hasattr(ex, "get") else b""
+                value = value.decode() if isinstance(value, bytes) else str(value)
+                if value:
+                    rec[field] = value
+            records.append(rec)
     return records

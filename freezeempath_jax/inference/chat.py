@@ -17,6 +17,12 @@ prompt writes it. The assistant's earlier replies are kept as the ids it generat
 are dropped oldest first, with a warning, when the prompt plus `max_new_tokens` would exceed
 the context limit.
 
+Dual thinking (OSUM-EChat recipe, `dual_thinking=True`): the assistant turn opens with a
+short paralinguistic analysis written from the heads' predictions ("(The user sounds like a
+woman, and sad.)", `text.paralinguistic_analysis`), placed in the prompt; the frozen LLM
+writes the reply after it. `Reply.analysis` holds it and `Reply.text` the reply alone (what
+is spoken); the conversation keeps both as the assistant's turn.
+
 Prompt text follows `text.ChatFormat` ("plain" or "qwen"), the frame training uses too.
 Loading a model for chat is `inference.loading`; the `chat` command is `inference.cli`.
 """
@@ -35,10 +41,12 @@ import numpy as np
 from freezeempath_jax.audio import log_mel_spectrogram
 from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.inference.speech_generation import generate_speech
-from freezeempath_jax.models.configs import FreezeEmpathConfig
+from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
 from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures
 from freezeempath_jax.text.padding import left_pad, round_up
-from freezeempath_jax.text.prompts import ChatFormat, expand_placeholders, teacher_content
+from freezeempath_jax.text.prompts import (ChatFormat, dual_thinking_prefix,
+                                           expand_placeholders, paralinguistic_analysis,
+                                           teacher_content)
 from freezeempath_jax.text.tokenizers import Codec
 
 log = logging.getLogger(__name__)
@@ -79,6 +87,10 @@ class Reply:
     emotion: str
     probabilities: Dict[str, float]
     dropped_turns: int = 0  # earlier turns dropped to fit the context
+    # paralinguistic heads' predictions ({"gender": "female", "age": "young"}); {} without
+    cues: Dict[str, str] = dataclasses.field(default_factory=dict)
+    analysis: Optional[str] = None  # dual thinking: the analysis that opened the turn
+    analysis_ids: List[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -88,6 +100,7 @@ class EncodedTurn:
     speech: np.ndarray  # [W, S, H] speech embeddings
     emotion: np.ndarray  # [W, Q, H] emotion embeddings
     ser_logits: np.ndarray  # [W, C]
+    cue_logits: Optional[Dict[str, np.ndarray]] = None  # {"gender": [W, 2], ...}
 
 
 @dataclasses.dataclass
@@ -99,6 +112,8 @@ class Prompts:
     speech: np.ndarray  # [W, S_total, H]: every spliced turn's speech embeddings, in order
     emotion: np.ndarray  # [W, Q_total, H]
     dropped: List[int]  # earlier turns dropped per row to fit the context
+    analyses: Optional[List[Optional[str]]] = None  # dual thinking: each row's analysis
+    analysis_ids: Optional[List[List[int]]] = None  # its ids, at the end of the prompt
 
 
 def _stack_rows(vals: Sequence[np.ndarray]) -> np.ndarray:
@@ -119,6 +134,8 @@ class ChatModel:
     audio_seconds: clips are padded / cut to this (30 s for real Whisper; the length the model
     was trained with). history: "embeddings" | "text" (see the module docstring).
     max_context: prompt + reply limit (default the LLM's max_position_embeddings).
+    dual_thinking: open each assistant turn with the paralinguistic analysis of the heads'
+    predictions (see the module docstring).
 
     A turn (`respond`) is three steps: `encode` (clips -> speech / emotion embeddings and SER
     logits), `build_prompts` (conversation history + the new turn -> padded ids and the
@@ -128,7 +145,8 @@ class ChatModel:
     def __init__(self, config: FreezeEmpathConfig, params, tokenizer, *,
                  chat_template: str = "qwen", audio_seconds: float = MAX_SECONDS,
                  history: str = "embeddings", max_context: Optional[int] = None,
-                 max_units: Optional[int] = None, prompt_bucket: int = 32):
+                 max_units: Optional[int] = None, prompt_bucket: int = 32,
+                 dual_thinking: bool = False):
         if history not in ("embeddings", "text"):
             raise ValueError(f"history must be 'embeddings' or 'text', got {history!r}")
         frames = int(round(audio_seconds * 100))  # 10 ms hop
@@ -145,9 +163,10 @@ class ChatModel:
         self.max_context = int(max_context or config.llm.max_position_embeddings)
         self.max_units = max_units
         self.prompt_bucket = int(prompt_bucket)
+        self.dual_thinking = bool(dual_thinking)
         model = FreezeEmpath(config)
         self._encode = jax.jit(lambda p, mel: model.apply(
-            {"params": p}, mel, method=FreezeEmpath.encode_speech))
+            {"params": p}, mel, method=FreezeEmpath.encode_features))
         self._embed = jax.jit(lambda p, ids, speech, emo: model.apply(
             {"params": p}, ids, SpeechFeatures(speech, emo, None),
             method=FreezeEmpath.prompt_embeds))
@@ -170,9 +189,27 @@ class ChatModel:
         (copies of the first clip) so every batch shares compiled code."""
         mels = [self.mel(a) for a in audios]
         mels += [mels[0]] * (width - len(mels))
-        speech, emotion, ser = jax.device_get(self._encode(self.params, jnp.asarray(
-            np.stack(mels))))
-        return EncodedTurn(speech, emotion, ser)
+        f = jax.device_get(self._encode(self.params, jnp.asarray(np.stack(mels))))
+        return EncodedTurn(f.speech_embeds, f.emotion_embedding, f.ser_logits, f.cue_logits)
+
+    def cue_labels(self, enc: EncodedTurn) -> List[Dict[str, str]]:
+        """Each row's paralinguistic predictions ({"gender": "female", "age": "young"})."""
+        classes = {"gender": GENDERS, "age": AGE_GROUPS}
+        rows: List[Dict[str, str]] = [{} for _ in range(len(enc.ser_logits))]
+        for name, logits in (enc.cue_logits or {}).items():
+            for i, k in enumerate(np.argmax(np.asarray(logits), axis=-1)):
+                rows[i][name] = classes[name][int(k)]
+        return rows
+
+    def analyses(self, enc: EncodedTurn) -> List[str]:
+        """Dual thinking: each row's analysis from the SER head and the paralinguistic
+        heads (`text.paralinguistic_analysis`)."""
+        emotions = self.config.emotions
+        out = []
+        for i, cues in enumerate(self.cue_labels(enc)):
+            emo = emotions[int(np.argmax(enc.ser_logits[i]))]
+            out.append(paralinguistic_analysis(emo, cues.get("gender"), cues.get("age")))
+        return out
 
     # -- prompts
 
@@ -229,11 +266,15 @@ class ChatModel:
         spliced turn."""
         width = len(enc.speech)
         s_count, q_count = enc.speech.shape[1], enc.emotion.shape[1]
+        analyses = self.analyses(enc) if self.dual_thinking else None
+        thought = ([self.codec.encode(dual_thinking_prefix(a)) for a in analyses]
+                   if analyses is not None else [[] for _ in range(width)])
         rows, values_s, values_q, dropped = [], [], [], []
         for i in range(width):
             conv = (conversations[i] if conversations is not None and i < n_real
                     else Conversation())
-            kept, ids, d = self._fit(conv, s_count, q_count, max_new_tokens)
+            kept, ids, d = self._fit(conv, s_count, q_count, max_new_tokens + len(thought[i]))
+            ids = ids + thought[i]
             spliced = [t for t in kept if self.history == "embeddings"
                        and t.speech_embeds is not None]
             values_s.append(np.concatenate([t.speech_embeds for t in spliced]
@@ -244,7 +285,8 @@ class ChatModel:
             dropped.append(d)
         ids, mask = left_pad(rows, self.codec.pad_id,
                              round_up(max(len(r) for r in rows), self.prompt_bucket))
-        return Prompts(ids, mask, _stack_rows(values_s), _stack_rows(values_q), dropped)
+        return Prompts(ids, mask, _stack_rows(values_s), _stack_rows(values_q), dropped,
+                       analyses, thought if analyses is not None else None)
 
     # -- generation
 
@@ -293,19 +335,27 @@ class ChatModel:
         text_ids, units = self.generate(prompts, speech=speech, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, top_p=top_p,
                                         seed=seed)
-        replies = self._replies(enc, text_ids, units, prompts.dropped, b)
+        replies = self._replies(enc, text_ids, units, prompts, b)
         if conversations is not None:
             self._remember(conversations, transcripts, enc, replies)
         return replies
 
-    def _replies(self, enc: EncodedTurn, text_ids, units, dropped, b: int) -> List[Reply]:
+    def _replies(self, enc: EncodedTurn, text_ids, units, prompts: Prompts, b: int
+                 ) -> List[Reply]:
         emotions = self.config.emotions
         probs = np.asarray(jax.nn.softmax(jnp.asarray(enc.ser_logits, jnp.float32), axis=-1))
-        return [Reply(text=self.codec.decode(text_ids[i]), text_ids=text_ids[i],
+        cues = self.cue_labels(enc)
+        # after the analysis's line break a tokenizer may open the reply with a space
+        strip = (lambda t: t.lstrip()) if prompts.analyses is not None else (lambda t: t)
+        return [Reply(text=strip(self.codec.decode(text_ids[i])), text_ids=text_ids[i],
                       units=None if units is None else units[i],
                       emotion=emotions[int(np.argmax(probs[i]))],
                       probabilities={e: float(p) for e, p in zip(emotions, probs[i])},
-                      dropped_turns=dropped[i]) for i in range(b)]
+                      dropped_turns=prompts.dropped[i], cues=cues[i],
+                      analysis=None if prompts.analyses is None else prompts.analyses[i],
+                      analysis_ids=[] if prompts.analysis_ids is None
+                      else list(prompts.analysis_ids[i]))
+                for i in range(b)]
 
     def _remember(self, conversations, transcripts, enc: EncodedTurn, replies: List[Reply]):
         """Appends each answered turn to its conversation (after dropping what did not fit)."""
@@ -314,7 +364,8 @@ class ChatModel:
             if r.dropped_turns:
                 del conv.turns[:r.dropped_turns]
             conv.turns.append(Turn(
-                reply_ids=r.text_ids, reply=r.text, emotion=r.emotion,
+                reply_ids=list(r.analysis_ids) + list(r.text_ids), reply=r.text,
+                emotion=r.emotion,
                 transcript=None if transcripts is None else transcripts[i],
                 speech_embeds=enc.speech[i] if keep_emb else None,
                 emotion_embedding=enc.emotion[i] if keep_emb else None))

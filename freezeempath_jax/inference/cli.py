@@ -9,6 +9,7 @@ before the model loads.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -170,7 +171,9 @@ def _answer_record(item: dict, reply) -> Dict:
             "prediction": reply.text,
             "prediction_units": None if reply.units is None else " ".join(
                 str(u) for u in reply.units),
-            "emotion": {"label": reply.emotion, "probabilities": probs}}
+            "emotion": {"label": reply.emotion, "probabilities": probs},
+            **({"paralinguistic": dict(reply.cues)} if getattr(reply, "cues", None) else {}),
+            **({"analysis": reply.analysis} if getattr(reply, "analysis", None) else {})}
 
 
 UNIT_DECODER_DIR = "unit_decoder"  # a model folder may hold its units-to-waveform decoder here
@@ -239,7 +242,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              batch_size: int = 4, top_k: Optional[int] = None, top_p: Optional[float] = None,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
              speech: bool = True, init_overrides: Optional[Dict[str, str]] = None,
-             audio_out: Optional[str] = None, unit_decoder=None) -> int:
+             audio_out: Optional[str] = None, unit_decoder=None,
+             dual_thinking: Optional[bool] = None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
@@ -259,6 +263,11 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     and its line gets `prediction_audio` (the path). `unit_decoder`: the decoder's folder or
     a (config, params) pair (default `<model folder>/unit_decoder`). Units a decoder cannot
     speak (none, empty, outside its codebook) are an error of that item only.
+
+    dual_thinking: True / False switches the OSUM-EChat analysis that opens each reply on or
+    off (the line gets `analysis`; `prediction` stays the reply); None keeps the model's
+    default (the checkpoint's `data.dual_thinking`). Lines of a model with paralinguistic
+    heads also get `paralinguistic` ({"gender": "female", ...}).
     """
     items = read_items(input_path)
     check_output(output_path, input_path)
@@ -266,8 +275,14 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
                         seed) if audio_out else None)
     if isinstance(model_path_or_config, ChatModel):
         chat_model = model_path_or_config
+        if dual_thinking is not None and bool(dual_thinking) != chat_model.dual_thinking:
+            # the caller's model is left as it was: this run answers with a shallow copy
+            chat_model = copy.copy(chat_model)
+            chat_model.dual_thinking = bool(dual_thinking)
     else:
-        chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides)
+        extra = {} if dual_thinking is None else {"dual_thinking": bool(dual_thinking)}
+        chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides,
+                                     **extra)
     failed = 0
     base_key = jax.random.key(int(seed))
     with open(output_path, "w", encoding="utf-8") as out, tqdm(

@@ -72,6 +72,8 @@ def model_from_training_config(cfg, workdir: Optional[str] = None,
         spec = resolve_model_path(spec)
     tok = make_tokenizer(model_cfg, spec)
     kwargs.setdefault("chat_template", get(data, "chat_template", "plain") or "plain")
+    # dual thinking follows the recipe the checkpoint was trained with unless the caller says
+    kwargs.setdefault("dual_thinking", bool(get(data, "dual_thinking", False)))
     kwargs.setdefault("audio_seconds", float(get(data, "audio_seconds", MAX_SECONDS)
                                              or MAX_SECONDS))
     return ChatModel(model_cfg, params, tok, **kwargs)

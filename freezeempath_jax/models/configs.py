@@ -13,6 +13,9 @@ import numpy as np
 
 # Class order of the released SER head.
 EMOTIONS: Tuple[str, ...] = ("angry", "surprised", "happy", "sad", "neutral")
+# Classes of the paralinguistic heads (OSUM-EChat recipe), in head-output order.
+GENDERS: Tuple[str, ...] = ("female", "male")
+AGE_GROUPS: Tuple[str, ...] = ("young", "middle-aged", "older")
 
 
 def to_dtype(name: Any):
@@ -148,6 +151,25 @@ class EmotionConfig:
     num_classes: int = 5
     num_attributes: int = 0  # RE-LLM style dimensional attributes (3 = A/V/D); 0 disables
     layer_norm_eps: float = 1e-5
+    # Paralinguistic heads beyond emotion (OSUM-EChat recipe) on the same pooled vector:
+    # speaker gender (`GENDERS`, 2) and age group (`AGE_GROUPS`, 3); 0 disables a head.
+    num_genders: int = 0
+    num_age_groups: int = 0
+    # Splice one embedding per paralinguistic head (its class probabilities times a learned
+    # table [classes, H]) right after the emotion embedding: the prompt then holds
+    # `num_tokens` emotion placeholders instead of `num_queries`.
+    splice_cues: bool = False
+
+    @property
+    def cue_heads(self) -> Tuple[Tuple[str, int], ...]:
+        """(name, classes) of every enabled paralinguistic head, in a fixed order."""
+        return tuple((n, k) for n, k in (("gender", self.num_genders),
+                                         ("age", self.num_age_groups)) if k > 0)
+
+    @property
+    def num_tokens(self) -> int:
+        """Emotion placeholders per prompt: the Q queries, plus one per spliced cue head."""
+        return self.num_queries + (len(self.cue_heads) if self.splice_cues else 0)
 
 
 @dataclasses.dataclass(frozen=True)

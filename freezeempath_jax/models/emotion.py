@@ -6,12 +6,15 @@ All Whisper block outputs [L, B, T, d] ->
   3. attn_pool: Q learned latent queries attend over the T frames (multi-head, biased q/k/v/out)
   4. linear1 -> ReLU -> linear2: emotion embedding [B, Q, H] in the LLM's space
 SER head (no bias) on the mean over queries -> 5 logits; optional attribute regression head
-(arousal / valence / dominance, RE-LLM style) when `num_attributes > 0`.
+(arousal / valence / dominance, RE-LLM style) when `num_attributes > 0`; optional
+paralinguistic heads (speaker gender, age group: OSUM-EChat style) on the same vector, whose
+probability-weighted class embeddings can be appended to the emotion embedding
+(`splice_cues`: [B, Q + heads, H]).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,8 @@ class EmotionOutput:
     ser_logits: jax.Array  # [B, num_classes] float32
     attributes: Optional[jax.Array]  # [B, num_attributes] float32, or None
     layer_weights: jax.Array  # [B, L] float32, softmax over the encoder layers
+    # {"gender": [B, 2], "age": [B, 3]} float32 logits of the enabled paralinguistic heads
+    cue_logits: Optional[Dict[str, jax.Array]] = None
 
 
 class AttentionPool(nn.Module):
@@ -140,5 +145,19 @@ class EmotionExtractor(nn.Module):
         if c.num_attributes > 0:
             attrs = Dense((c.num_attributes,), ("embed", "classes"), name="attr_head",
                           **common)(clip).astype(jnp.float32)
+        cues, cue_embeds = {}, []
+        for name, classes in c.cue_heads:
+            logits = Dense((classes,), ("embed", "classes"), name=f"{name}_head",
+                           **common)(clip).astype(jnp.float32)
+            cues[name] = logits
+            if c.splice_cues:
+                # soft class embedding: gradients reach the head through the LLM too
+                table = self.param(f"{name}_embed", nn.with_logical_partitioning(
+                    nn.initializers.normal(0.02), ("classes", "embed")),
+                    (classes, self.out_dim), to_dtype(self.param_dtype))
+                probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+                cue_embeds.append(jnp.einsum("bk,kh->bh", probs, table.astype(dtype))[:, None])
+        if cue_embeds:
+            emb = jnp.concatenate([emb] + cue_embeds, axis=1)  # [B, Q + heads, H]
         return EmotionOutput(embedding=emb, ser_logits=ser, attributes=attrs,
-                             layer_weights=weights)
+                             layer_weights=weights, cue_logits=cues or None)

@@ -29,6 +29,7 @@ class SpeechFeatures:
     emotion_embedding: jax.Array  # [B, Q, H]
     ser_logits: jax.Array  # [B, num_classes]
     attributes: Optional[jax.Array] = None  # [B, A] (RE-LLM dimensional attributes) or None
+    cue_logits: Optional[dict] = None  # {"gender": [B, 2], "age": [B, 3]} or None
 
 
 @struct.dataclass
@@ -39,6 +40,7 @@ class FreezeEmpathOutput:
     ser_logits: jax.Array  # [B, num_classes]
     attributes: Optional[jax.Array] = None
     cache: Optional[dict] = None
+    cue_logits: Optional[dict] = None
 
 
 def splice(embeds, input_ids, token_id: int, values):
@@ -98,7 +100,8 @@ class FreezeEmpath(nn.Module):
             speech = snap_to_vocab(speech, self.llm.embed_tokens.embedding)
         emo = self.emotion(layer_states)
         return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
-                              ser_logits=emo.ser_logits, attributes=emo.attributes)
+                              ser_logits=emo.ser_logits, attributes=emo.attributes,
+                              cue_logits=emo.cue_logits)
 
     def project_speech(self, last_hidden_state):
         """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs, never
@@ -110,6 +113,11 @@ class FreezeEmpath(nn.Module):
         ser_logits [B, 5])."""
         f = self.features_from_states(*self.encode_audio(mel))
         return f.speech_embeds, f.emotion_embedding, f.ser_logits
+
+    def encode_features(self, mel) -> SpeechFeatures:
+        """mel [B, n_mels, frames] -> every head's output (`SpeechFeatures`, with the
+        paralinguistic heads' logits when the config enables them)."""
+        return self.features_from_states(*self.encode_audio(mel))
 
     def prompt_embeds(self, input_ids, features: SpeechFeatures):
         """LLM input embeddings of a prompt with the speech and emotion placeholders filled."""
@@ -142,7 +150,7 @@ class FreezeEmpath(nn.Module):
         return FreezeEmpathOutput(logits=out.logits, hidden_states=out.hidden_states,
                                   emotion_embedding=feats.emotion_embedding,
                                   ser_logits=feats.ser_logits, attributes=feats.attributes,
-                                  cache=out.cache)
+                                  cache=out.cache, cue_logits=feats.cue_logits)
 
     def llm_logits(self, hidden):
         """The frozen LLM's output head on final hidden states [B, R, H] -> float32 logits

@@ -170,3 +170,50 @@ def chat_text(tokenizer, config, user_text: Optional[str] = None) -> str:
 __all__: Sequence[str] = (
     "SPEECH", "EMOTION", "PLACEHOLDERS", "CHATML", "ChatFormat", "expand_placeholders",
     "PromptBuilder", "PromptRecipe", "emotion_statement", "teacher_content", "chat_text")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual thinking (OSUM-EChat recipe): the assistant turn first states a short paralinguistic
+# analysis, then replies. With the LLM frozen the analysis is written from the heads'
+# predictions (chat) or the labels (training targets) and put at the start of the assistant
+# turn; the reply is what follows it, so the frozen teacher writes its reply conditioned on it.
+
+# How each emotion label is said in the analysis ("neutral" reads oddly as a tone of voice).
+ANALYSIS_EMOTION_WORDS = {"angry": "angry", "surprised": "surprised", "happy": "happy",
+                          "sad": "sad", "neutral": "calm"}
+ANALYSIS_GENDER_WORDS = {"female": "woman", "male": "man"}
+
+
+def paralinguistic_analysis(emotion: Optional[str] = None, gender: Optional[str] = None,
+                            age_group: Optional[str] = None) -> str:
+    """The analysis that opens a dual-thinking assistant turn, e.g. `(The user sounds like a
+    young woman, and sad.)`; any cue may be None (left out). Raises ValueError for a label
+    it cannot word, and for no cue at all."""
+    for value, allowed, what in ((emotion, ANALYSIS_EMOTION_WORDS, "emotion"),
+                                 (gender, ANALYSIS_GENDER_WORDS, "gender"),
+                                 (age_group, ("young", "middle-aged", "older"), "age group")):
+        if value is not None and value not in allowed:
+            raise ValueError(f"paralinguistic_analysis: unknown {what} {value!r}; expected one "
+                             f"of {sorted(allowed)}")
+    if emotion is None and gender is None and age_group is None:
+        raise ValueError("paralinguistic_analysis needs at least one cue (emotion, gender or "
+                         "age group)")
+    feeling = ANALYSIS_EMOTION_WORDS[emotion] if emotion else None
+    if gender is None and age_group is None:
+        return f"(The user sounds {feeling}.)"
+    person = ANALYSIS_GENDER_WORDS[gender] if gender else "person"
+    who = f"{age_group} {person}" if age_group else person
+    article = "an" if who[0] in "aeiou" else "a"
+    tail = f", and {feeling}" if feeling else ""
+    return f"(The user sounds like {article} {who}{tail}.)"
+
+
+def dual_thinking_prefix(analysis: str) -> str:
+    """The assistant-turn text that precedes the reply under dual thinking: the analysis on
+    its own line (a trailing space would end the prefix mid-token for BPE tokenizers; the
+    reply continues the same turn on the next line)."""
+    return analysis + "\n"
+
+
+__all__ = tuple(__all__) + ("ANALYSIS_EMOTION_WORDS", "ANALYSIS_GENDER_WORDS",
+                            "paralinguistic_analysis", "dual_thinking_prefix")

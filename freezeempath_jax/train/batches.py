@@ -6,6 +6,9 @@ A record is a plain dict (one line of a JSONL manifest plus features added on lo
     reply_ids: list[int] or reply: str    (target of stages 1 / 2b / 3)
     emotion: str and/or label: int        (stage 2a target text and SER label)
     attributes: [A] floats                (RE-LLM arousal / valence / dominance, optional)
+    gender: "female" | "male", age_group: "young" | "middle-aged" | "older"
+                                          (OSUM-EChat paralinguistic heads, optional)
+    analysis: str                         (dual thinking: the assistant turn starts with it)
     units: list[int]                      (stage 3 speech units of the reply)
     task: "2a" | "2b"                     (stage 2b mixes rows of both tasks)
 
@@ -29,10 +32,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from freezeempath_jax.models import streaming
-from freezeempath_jax.models.configs import FreezeEmpathConfig
+from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
 from freezeempath_jax.text.padding import round_up as _round_up
 from freezeempath_jax.text.prompts import (SPEECH, ChatFormat, PromptBuilder, PromptRecipe,
-                                           emotion_statement)
+                                           dual_thinking_prefix, emotion_statement,
+                                           paralinguistic_analysis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +57,25 @@ def _label_of(rec: Mapping, emotions: Sequence[str]) -> int:
     return -1
 
 
+# Record field and class names of each paralinguistic head (`EmotionConfig.cue_heads`).
+CUE_FIELDS = {"gender": ("gender", GENDERS), "age": ("age_group", AGE_GROUPS)}
+
+
+def cue_label(rec: Optional[Mapping], name: str) -> int:
+    """Class index of a record's paralinguistic label `name` ("gender" / "age"); -1 when the
+    record has none. A value outside the classes is an error naming the record."""
+    if rec is None:
+        return -1
+    field, classes = CUE_FIELDS[name]
+    value = rec.get(field)
+    if value is None or value == "":
+        return -1
+    if value not in classes:
+        raise ValueError(f"record {rec.get('id', '?')}: {field} {value!r} is not one of "
+                         f"{tuple(classes)}")
+    return classes.index(value)
+
+
 class BatchBuilder:
     """Records -> batch dict for one stage, with static shapes.
 
@@ -64,12 +87,15 @@ class BatchBuilder:
     its own `recipe.emotion_question`, 2b and 3 the chat turn (`model.user_template`); in 2b
     the mixed-in 2a rows (`task: "2a"`) keep the 2a question, so rows of one batch may carry
     prompts of different lengths (the sequence length fits the longest).
+    dual_thinking (OSUM-EChat recipe, stage 2b): a chat row whose record holds an `analysis`
+    gets it at the start of the assistant turn, as prompt (no loss); the target is the reply
+    that follows it. The sequence length leaves room for the longest analysis.
     """
 
     def __init__(self, model: FreezeEmpathConfig, stage: str, objective: str, tokenizer,
                  num_speech: int, *, chat_template: str = "plain", target_len: int = 16,
                  teacher_len: int = 96, units_len: int = 64, stage1_template: str = SPEECH,
-                 recipe: Optional[PromptRecipe] = None):
+                 recipe: Optional[PromptRecipe] = None, dual_thinking: bool = False):
         self.model, self.stage, self.objective = model, stage, objective
         self.tok = tokenizer
         self.num_speech = int(num_speech)
@@ -82,7 +108,7 @@ class BatchBuilder:
         self.silence_text = "\n"
         self.target_len, self.teacher_len, self.units_len = target_len, teacher_len, units_len
         fmt = ChatFormat.named(chat_template, model.system_prompt)
-        self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_queries)
+        self.prompts = PromptBuilder(tokenizer, fmt, num_speech, model.emotion.num_tokens)
         self.recipe = recipe or PromptRecipe(stage1=stage1_template)
         templates = {"1": self.recipe.stage1, "2a": self.recipe.emotion_question}
         self.prompt = self._speech_prompt(templates.get(stage, model.user_template))
@@ -90,6 +116,17 @@ class BatchBuilder:
         self.task_prompts = ({"2a": self._speech_prompt(self.recipe.emotion_question)}
                              if stage == "2b" else {})
         longest = max([len(self.prompt)] + [len(p) for p in self.task_prompts.values()])
+        self.dual_thinking = bool(dual_thinking)
+        if self.dual_thinking and stage != "2b":
+            raise ValueError(f"data.dual_thinking applies to stage 2b (chat rows with replies), "
+                             f"not stage {stage}")
+        self._analysis_ids: Dict[str, List[int]] = {}
+        if self.dual_thinking:
+            longest = len(self.prompt) + max(
+                len(self.analysis_ids(paralinguistic_analysis(e, g, a)))
+                for e in model.emotions for g in GENDERS + (None,)
+                for a in AGE_GROUPS + (None,))
+            longest = max([longest] + [len(p) for p in self.task_prompts.values()])
         self.seq_len = _round_up(longest + target_len, 8)
         # {feature: shape} of one row, for batches in which no record is usable (streamed
         # batches whose clips all failed to decode); None: taken from the first record.
@@ -103,10 +140,20 @@ class BatchBuilder:
 
     # -- per-record pieces
 
+    def analysis_ids(self, analysis: str) -> List[int]:
+        """Token ids of a dual-thinking analysis as it opens the assistant turn (cached)."""
+        if analysis not in self._analysis_ids:
+            self._analysis_ids[analysis] = self.tok.encode(dual_thinking_prefix(analysis))
+        return self._analysis_ids[analysis]
+
     def prompt_for(self, rec: Optional[Mapping]) -> np.ndarray:
-        """The prompt ids of a record's row (padding rows take the stage's prompt)."""
+        """The prompt ids of a record's row (padding rows take the stage's prompt); under
+        dual thinking a chat row's prompt ends with its record's analysis."""
         if rec is not None and rec.get("task") in self.task_prompts:
             return self.task_prompts[rec["task"]]
+        if self.dual_thinking and rec is not None and rec.get("analysis"):
+            return np.concatenate([self.prompt, np.asarray(
+                self.analysis_ids(rec["analysis"]), np.int32)])
         return self.prompt
 
     def reply_ids(self, rec: Mapping) -> List[int]:
@@ -264,6 +311,9 @@ class BatchBuilder:
                         attrs[i] = np.asarray(rec["attributes"], np.float32)[:a]
                         amask[i] = 1.0
                 out.update(attributes=attrs, attr_mask=amask)
+            for name, _ in self.model.emotion.cue_heads:
+                out[f"{name}_label"] = np.array([cue_label(r, name) for r in records],
+                                                np.int32)
         if self.objective == "unit_ce":
             out.update(self._units(records, replies))
         return out

@@ -119,6 +119,10 @@ def loss_section() -> ml_collections.ConfigDict:
     l.objective = config_dict.placeholder(str)
     l.ser_weight = 0.8  # lambda of stages 2a/2b: CE + lambda x SER CE (the release uses 0)
     l.attr_weight = 0.0  # RE-LLM arousal/valence/dominance MSE (needs num_attributes > 0)
+    # OSUM-EChat paralinguistic heads: + weight x CE of each (needs EmotionConfig.num_genders
+    # / num_age_groups > 0 and records with `gender` / `age_group`)
+    l.gender_weight = 0.0
+    l.age_weight = 0.0
     l.kl_temperature = 1.0  # stage 1 KL variant
     l.kl_ce_weight = 0.0  # stage 1 KL variant: + this x CE on the teacher's reply
     l.mix_2a = 0.5  # stage 2b: share of each batch drawn from the 2a emotion task
@@ -165,6 +169,10 @@ def data_section() -> ml_collections.ConfigDict:
     d.teacher_template = "{transcript}"  # what the teacher LLM reads instead of speech
     d.teacher_emotion_template = "{transcript} (with a {emotion} emotional tone)."  # 2b teacher
     d.teacher_neutral_plain = False  # True: neutral clips get the plain teacher text
+    # OSUM-EChat dual thinking (stage 2b, and chat's default): the assistant turn opens with
+    # a paralinguistic analysis ("(The user sounds like a woman, and sad.)", from the labels
+    # in training, from the heads' predictions in chat) and the reply follows it
+    d.dual_thinking = False
     d.units_len = 64  # stage 3: unit tokens per example
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)
@@ -266,7 +274,8 @@ def train_config_from(cfg) -> Dict[str, Any]:
         warmup_fraction=float(t.warmup_frac), end_lr_fraction=float(t.end_lr_frac),
         weight_decay=float(t.weight_decay), b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
         grad_clip_norm=float(t.grad_clip) or None, ser_weight=float(l.ser_weight),
-        attr_weight=float(l.attr_weight), kl_temperature=float(l.kl_temperature),
+        attr_weight=float(l.attr_weight), gender_weight=float(l.get("gender_weight", 0.0)),
+        age_weight=float(l.get("age_weight", 0.0)), kl_temperature=float(l.kl_temperature),
         kl_ce_weight=float(l.kl_ce_weight),
         sharding_overrides=(tuple(tuple(e) for e in cfg.mesh.overrides)
                             if cfg.mesh.get("overrides") else None),

@@ -156,6 +156,8 @@ def _emotion(c: _Counter, cfg: FreezeEmpathConfig, frames: int, with_heads: bool
         c.dense(part, "emotion/ser_head", 1, h, e.num_classes, og)
         if e.num_attributes:
             c.dense(part, "emotion/attr_head", 1, h, e.num_attributes, og, True)
+        for name, classes in e.cue_heads:  # OSUM-EChat paralinguistic heads
+            c.dense(part, f"emotion/{name}_head", 1, h, classes, og, True)
     return og
 
 

@@ -18,7 +18,8 @@ Batch keys read here:
       teacher_loss_mask [B, T'] (teacher positions predicting the same reply tokens, in order),
       targets (only when ce_weight > 0).
   stage 2a/2b (`emotion_ce`): targets, loss_mask, emotion_label [B] int (-1: no label, e.g.
-      2b rows), optional attributes [B, A] float and attr_mask [B].
+      2b rows), optional attributes [B, A] float and attr_mask [B], optional paralinguistic
+      labels `<cue>_label` [B] int (-1: no label; cue in "gender", "age").
   stage 3 (`unit_ce`): unit targets [B, S] and loss mask [B, S] from the streaming layout.
 """
 
@@ -34,6 +35,8 @@ Sums = Dict[str, jax.Array]
 # The objective each stage trains by default, and every objective the train step knows.
 STAGE_OBJECTIVES = {"1": "distill_ce", "2a": "emotion_ce", "2b": "emotion_ce",
                     "3a": "unit_ce", "3b": "unit_ce"}
+# Paralinguistic heads (OSUM-EChat recipe): batch key `<name>_label`, metrics `<name>_accuracy`.
+CUE_NAMES = ("gender", "age")
 OBJECTIVES = ("distill_ce", "distill_kl", "emotion_ce", "ser_ce", "unit_ce", "align_ctc",
               "align_words")
 
@@ -159,11 +162,42 @@ def _with_attributes(loss, s, attributes, batch, norm, attr_weight: float):
     return loss, s
 
 
+def cue_sums(name: str, logits, labels) -> Sums:
+    """`classification_sums` of one paralinguistic head, keyed `<name>_sum / _correct /
+    _examples` (rows with label -1 count nowhere)."""
+    s = classification_sums(logits, labels)
+    return {f"{name}_sum": s["ser_sum"], f"{name}_correct": s["ser_correct"],
+            f"{name}_examples": s["ser_examples"]}
+
+
+def _with_cues(loss, s, cue_logits, batch, norm, cue_weights: Optional[Mapping[str, float]]):
+    """Adds each paralinguistic head's CE (OSUM-EChat recipe) times its weight; heads whose
+    labels are in the batch are always measured (accuracy), weight 0 or not."""
+    cue_weights = dict(cue_weights or {})
+    for name, weight in cue_weights.items():
+        if weight and (cue_logits is None or name not in cue_logits):
+            raise ValueError(f"{name}_weight > 0 needs a {name} head (EmotionConfig."
+                             f"num_{'genders' if name == 'gender' else 'age_groups'} > 0)")
+        if weight and f"{name}_label" not in batch:
+            raise ValueError(f"{name}_weight > 0 needs batch['{name}_label']")
+    for name, logits in (cue_logits or {}).items():
+        if f"{name}_label" not in batch:
+            continue
+        c = cue_sums(name, logits, batch[f"{name}_label"])
+        s.update(c)
+        if cue_weights.get(name):
+            loss = loss + cue_weights[name] * c[f"{name}_sum"] / _denominator(
+                norm, f"{name}_examples", c[f"{name}_examples"])
+    return loss, s
+
+
 def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
-               ser_weight: float = 0.8, attr_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
+               ser_weight: float = 0.8, attr_weight: float = 0.0, cue_logits=None,
+               cue_weights: Optional[Mapping[str, float]] = None) -> Tuple[jax.Array, Sums]:
     """Stages 2a/2b (and BLSP-Emo's emotion-aware continuation): CE on the LLM's reply tokens
     (naming the emotion in 2a, the empathetic reply in 2b) + `ser_weight` x SER-head CE over
-    labelled rows + `attr_weight` x MSE on arousal/valence/dominance (RE-LLM recipe)."""
+    labelled rows + `attr_weight` x MSE on arousal/valence/dominance (RE-LLM recipe) +
+    `cue_weights[name]` x CE of each paralinguistic head (OSUM-EChat recipe)."""
     s = token_ce_sums(logits, batch["targets"], batch["loss_mask"])
     loss = s["ce_sum"] / _denominator(norm, "tokens", s["tokens"])
     if "emotion_label" in batch:
@@ -172,19 +206,23 @@ def emotion_ce(logits, ser_logits, batch, attributes=None, norm: Optional[Mappin
         if ser_weight:
             loss = loss + ser_weight * ser["ser_sum"] / _denominator(
                 norm, "ser_examples", ser["ser_examples"])
-    return _with_attributes(loss, s, attributes, batch, norm, attr_weight)
+    loss, s = _with_attributes(loss, s, attributes, batch, norm, attr_weight)
+    return _with_cues(loss, s, cue_logits, batch, norm, cue_weights)
 
 
 def ser_ce(ser_logits, batch, attributes=None, norm: Optional[Mapping] = None,
-           attr_weight: float = 0.0) -> Tuple[jax.Array, Sums]:
-    """SER-head CE over labelled rows (+ `attr_weight` x attribute MSE), no LLM pass: a
-    cheap warm-up of the emotion extractor on emotion-recognition data before stage 2a
-    (the CPU demo's recipe; the LLM-facing MLP gets no gradient here)."""
+           attr_weight: float = 0.0, cue_logits=None,
+           cue_weights: Optional[Mapping[str, float]] = None) -> Tuple[jax.Array, Sums]:
+    """SER-head CE over labelled rows (+ `attr_weight` x attribute MSE, + each
+    paralinguistic head's CE x its weight), no LLM pass: a cheap warm-up of the emotion
+    extractor on emotion-recognition data before stage 2a (the CPU demo's recipe; the
+    LLM-facing MLP gets no gradient here)."""
     if "emotion_label" not in batch:
         raise ValueError("objective ser_ce needs batch['emotion_label'] (emotion-labelled clips)")
     s = classification_sums(ser_logits, batch["emotion_label"])
     loss = s["ser_sum"] / _denominator(norm, "ser_examples", s["ser_examples"])
-    return _with_attributes(loss, s, attributes, batch, norm, attr_weight)
+    loss, s = _with_attributes(loss, s, attributes, batch, norm, attr_weight)
+    return _with_cues(loss, s, cue_logits, batch, norm, cue_weights)
 
 
 def align_ctc(speech_embeds, embed_table, batch, norm: Optional[Mapping] = None, *,
@@ -312,6 +350,9 @@ def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.A
     if objective in ("emotion_ce", "ser_ce"):
         if "emotion_label" in batch:
             out["ser_examples"] = jnp.sum((batch["emotion_label"] >= 0).astype(f32))
+        for key in batch:
+            if key.endswith("_label") and key != "emotion_label":  # paralinguistic heads
+                out[f"{key[:-6]}_examples"] = jnp.sum((batch[key] >= 0).astype(f32))
         if "attributes" in batch:
             m = batch.get("attr_mask")
             out["attr_examples"] = (jnp.asarray(batch["attributes"].shape[0], f32) if m is None
@@ -321,7 +362,8 @@ def normalizers(batch, objective: str, layout_loss_mask=None) -> Dict[str, jax.A
 
 def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """Metrics from (microbatch-summed) statistics: loss_ce, token_accuracy, num_tokens,
-    loss_kl, loss_ser, ser_accuracy, num_ser_examples, loss_attr (only those present)."""
+    loss_kl, loss_ser, ser_accuracy, num_ser_examples, loss_attr, loss_<cue>,
+    <cue>_accuracy, num_<cue>_examples (only those present)."""
     out = {}
 
     def ratio(a, b):
@@ -339,6 +381,11 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
         out["num_ser_examples"] = sums["ser_examples"]
     if "attr_sum" in sums:
         out["loss_attr"] = ratio("attr_sum", "attr_examples")
+    for name in CUE_NAMES:
+        if f"{name}_sum" in sums:
+            out[f"loss_{name}"] = ratio(f"{name}_sum", f"{name}_examples")
+            out[f"{name}_accuracy"] = ratio(f"{name}_correct", f"{name}_examples")
+            out[f"num_{name}_examples"] = sums[f"{name}_examples"]
     if "align_sum" in sums:
         out["loss_align"] = ratio("align_sum", "align_examples")
         out["align_recall"] = ratio("align_hits", "align_tokens")

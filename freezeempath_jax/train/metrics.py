@@ -177,4 +177,6 @@ def weighted_mean(rows, weights: Mapping[str, str]) -> Dict[str, float]:
 
 # Which count weights which metric when eval batches are combined (losses.finalize_metrics).
 EVAL_WEIGHTS = {"loss_ce": "num_tokens", "token_accuracy": "num_tokens",
-                "loss_ser": "num_ser_examples", "ser_accuracy": "num_ser_examples"}
+                "loss_ser": "num_ser_examples", "ser_accuracy": "num_ser_examples",
+                **{m: f"num_{c}_examples" for c in ("gender", "age")
+                   for m in (f"loss_{c}", f"{c}_accuracy")}}

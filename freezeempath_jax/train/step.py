@@ -100,6 +100,8 @@ class TrainConfig:
     no_decay_regex: str = P_.NO_DECAY_REGEX
     ser_weight: float = 0.8
     attr_weight: float = 0.0
+    gender_weight: float = 0.0  # OSUM-EChat paralinguistic heads (need EmotionConfig heads)
+    age_weight: float = 0.0
     kl_temperature: float = 1.0
     kl_ce_weight: float = 0.0
     sharding_overrides: Optional[Tuple[Tuple[str, Any], ...]] = None
@@ -212,7 +214,7 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
     else:
         from freezeempath_jax.models.adapters import conv_output_length
         n_speech = conv_output_length(t_enc, c.projector)
-    n_emo = 0 if objective.startswith("distill") else c.emotion.num_queries
+    n_emo = 0 if objective.startswith("distill") else c.emotion.num_tokens
     b, r = batch_size, reply_len
     t = 2 * prompt_len + n_speech + n_emo + r
     i32, f32 = np.int32, np.float32
@@ -240,6 +242,8 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
             if c.emotion.num_attributes:
                 out["attributes"] = spec((b, c.emotion.num_attributes), f32)
                 out["attr_mask"] = spec((b,), f32)
+            for name, _ in c.emotion.cue_heads:
+                out[f"{name}_label"] = spec((b,), i32)
         if objective == "unit_ce":
             s_len = r + unit_len + 2
             out.update(reply_start=spec((b,), i32), text_ids=spec((b, r), i32),
@@ -296,6 +300,10 @@ def example_batch(model_config: FreezeEmpathConfig, objective: str, batch_size: 
         if c.emotion.num_attributes:
             out["attributes"] = rng.normal(size=(b, c.emotion.num_attributes)).astype(f32)
             out["attr_mask"] = np.ones((b,), f32)
+        for name, classes in c.emotion.cue_heads:
+            cue = rng.integers(0, classes, (b,)).astype(i32)
+            cue[2::4] = -1  # some rows without this label (a corpus that lacks it)
+            out[f"{name}_label"] = cue
     if objective == "unit_ce":
         sd = c.speech_decoder
         unit_lens = np.array([max(1, unit_len - 2 * (i % 3)) for i in range(b)])
@@ -382,6 +390,7 @@ def _reply_hidden(model, params, batch):
 def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
     """(params, batch, norm) -> (loss, sums) for the configured objective."""
     obj = cfg.resolved_objective
+    cue_weights = {"gender": cfg.gender_weight, "age": cfg.age_weight}
 
     if obj == "distill_ce":
         def f(params, batch, norm):
@@ -407,7 +416,8 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             feats = model.apply({"params": params}, *enc,
                                 method=FreezeEmpath.features_from_states)
             return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
-                                 attr_weight=cfg.attr_weight)
+                                 attr_weight=cfg.attr_weight, cue_logits=feats.cue_logits,
+                                 cue_weights=cue_weights)
     elif obj == "align_ctc":
         def f(params, batch, norm):
             enc = _encoder_outputs(model, params, batch)
@@ -424,7 +434,8 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)
             return losses.emotion_ce(out.logits, out.ser_logits, batch, out.attributes, norm,
-                                     ser_weight=cfg.ser_weight, attr_weight=cfg.attr_weight)
+                                     ser_weight=cfg.ser_weight, attr_weight=cfg.attr_weight,
+                                     cue_logits=out.cue_logits, cue_weights=cue_weights)
     else:  # unit_ce
         if model.config.speech_decoder is None:
             raise ValueError("objective unit_ce needs a model config with a speech_decoder")

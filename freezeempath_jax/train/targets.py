@@ -20,7 +20,8 @@ from freezeempath_jax.inference import sampling
 from freezeempath_jax.models.configs import FreezeEmpathConfig
 from freezeempath_jax.real_models import model_spec
 from freezeempath_jax.text.padding import left_pad
-from freezeempath_jax.text.prompts import ChatFormat, PromptBuilder, PromptRecipe
+from freezeempath_jax.text.prompts import (ChatFormat, PromptBuilder, PromptRecipe,
+                                           dual_thinking_prefix, paralinguistic_analysis)
 from freezeempath_jax.train.features import cache_tag
 from freezeempath_jax.train.step import TrainStep
 
@@ -45,7 +46,10 @@ class ReplyDistiller:
         if not todo:
             return
         store = self._reply_store()
-        keys = [json.dumps([r.get("transcript"), r.get("emotion") if with_emotion else None])
+        # a dual-thinking row's reply follows its analysis: the analysis is part of the key
+        # (rows without one keep the keys of earlier caches)
+        keys = [json.dumps([r.get("transcript"), r.get("emotion") if with_emotion else None]
+                           + ([r["analysis"]] if with_emotion and r.get("analysis") else []))
                 for r in todo]
         first: Dict[str, dict] = {}  # one generation per distinct (transcript, emotion)
         for r, k in zip(todo, keys):
@@ -99,8 +103,13 @@ class ReplyDistiller:
                     raise ValueError(f"record {r.get('id', '?')}: self-distillation needs a "
                                      "transcript")
                 emo = r.get("emotion") if with_emotion else None
-                rows.append(prompts.text_prompt(self.recipe.teacher_text(r["transcript"], emo))
-                            [: int(d.teacher_len)])
+                row = prompts.text_prompt(self.recipe.teacher_text(r["transcript"], emo)
+                                          )[: int(d.teacher_len)]
+                if with_emotion and r.get("analysis"):
+                    # dual thinking: the teacher's turn opens with the analysis and the
+                    # reply it writes after it is the target
+                    row = row + self.tok.encode(dual_thinking_prefix(r["analysis"]))
+                rows.append(row)
             rows += [rows[-1]] * (batch - len(rows))  # static batch: repeat the last prompt
             ids, mask = left_pad(rows, self.tok.pad_id)
             with jax.set_mesh(self.ts.mesh):
@@ -127,6 +136,31 @@ def toy_attributes(records: List[dict], num_attributes: int):
     for r in records:
         if r.get("attributes") is None and r.get("emotion") in EMOTION_AVD:
             r["attributes"] = list(EMOTION_AVD[r["emotion"]][:num_attributes])
+
+
+def add_analyses(records: List[dict], emotions) -> None:
+    """Dual thinking (OSUM-EChat recipe): each record's paralinguistic analysis from its
+    labels (emotion, gender, age group, whichever it has), e.g. "(The user sounds like a
+    woman, and sad.)"; at chat time the same text is written from the heads' predictions."""
+    for r in records:
+        emo = r.get("emotion")
+        if emo is None and r.get("label") is not None and int(r["label"]) >= 0:
+            emo = emotions[int(r["label"])]
+        gender, age = r.get("gender") or None, r.get("age_group") or None
+        if emo is None and gender is None and age is None:
+            continue
+        r["analysis"] = paralinguistic_analysis(emo, gender, age)
+
+
+def voice_genders(records: List[dict]):
+    """Speaker-gender labels of synthetic clips from their eSpeak voice (`data.synthetic.
+    voice_gender`) where a record has a `voice` and no `gender` (corpora built before the
+    plan wrote the field). Real corpora carry `gender` from their own metadata."""
+    from freezeempath_jax.data.synthetic import voice_gender
+
+    for r in records:
+        if r.get("gender") is None and r.get("voice"):
+            r["gender"] = voice_gender(r["voice"])
 
 
 def toy_units(records: List[dict], unit_vocab_size: int, tokenizer):

@@ -45,7 +45,8 @@ from freezeempath_jax.train.records import (_encoder_frames, _mel_frames, load_r
 from freezeempath_jax.train.step import TrainStep, make_train_step, maybe_initialize_distributed
 from freezeempath_jax.train import stream as stream_lib
 from freezeempath_jax.train.stream import SKIPPED
-from freezeempath_jax.train.targets import ReplyDistiller, toy_attributes, toy_units
+from freezeempath_jax.train.targets import (ReplyDistiller, add_analyses, toy_attributes,
+                                            toy_units, voice_genders)
 
 log = logging.getLogger("freezeempath_jax.train")
 
@@ -201,6 +202,11 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
     everything = train_recs + eval_recs
     needs_replies = ts.train_config.resolved_objective not in ("align_ctc", "align_words",
                                                                 "ser_ce")
+    if model_cfg.emotion.num_genders:
+        voice_genders(everything)
+    dual = bool(cfg.data.get("dual_thinking", False)) and cfg.stage == "2b"
+    if dual:  # before distillation: the teacher replies after each record's analysis
+        add_analyses(everything, model_cfg.emotions)
     if cfg.stage in ("1", "3a", "3b", "2b") and needs_replies:
         ReplyDistiller(cfg, ts, frozen, tok).replies(everything,
                                                      with_emotion=cfg.stage == "2b")
@@ -215,7 +221,8 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         model_cfg, cfg.stage, ts.train_config.resolved_objective, tok,
         num_speech_tokens(model_cfg, frames), chat_template=cfg.data.chat_template,
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
-        units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data))
+        units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data),
+        dual_thinking=dual)
     builder.encoder_frames = frames
     builder.silence_text = str(cfg.data.get("align_silence", "\n"))
     if ts.train_config.resolved_objective in ("align_ctc", "align_words"):
