@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from freezeempath_jax.models.causal_lm import CausalLM, init_cache
+from freezeempath_jax.models.causal_lm import (CausalLM, cache_from_layers, cache_to_layers,
+                                               forward_unrolled, head_kernel, init_cache,
+                                               split_layers)
 from freezeempath_jax.models.configs import LMConfig, to_dtype
 
 _TRACES: collections.Counter = collections.Counter()
@@ -248,19 +250,23 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
     """Decode steps while `step < min(stop_at, N)` and some row is still running (traceable).
 
     One `lax.while_loop`; each step feeds the newest token of every row (stopped rows too:
-    static shapes, their outputs are replaced by pad) and samples the next.
+    static shapes, their outputs are replaced by pad) and samples the next. The layers run
+    unrolled (`causal_lm.forward_unrolled`): the per-layer weights are sliced once before the
+    loop and each layer's cache is updated in place inside it, so a step reads every weight
+    once and copies no cache.
     """
-    model = CausalLM(config)
     n = state.max_new_tokens
     stop_at = jnp.minimum(jnp.asarray(stop_at, jnp.int32), n)
+    layer_params, head = split_layers(params), head_kernel(config, params)
 
     def cond(st: DecodeState):
         return (st.step < stop_at) & ~jnp.all(st.done)
 
     def body(st: DecodeState) -> DecodeState:
         last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [B, 1]
-        out = model.apply({"params": params}, input_ids=last, positions=st.positions[:, None],
-                          attention_mask=st.slot_mask, cache=st.cache)
+        out = forward_unrolled(config, params, layer_params, input_ids=last,
+                               positions=st.positions[:, None], attention_mask=st.slot_mask,
+                               cache=st.cache, head=head)
         tok = sample_with(out.logits[:, 0], jax.random.fold_in(st.key, st.step), mode,
                           st.rules)
         fields = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
@@ -268,7 +274,9 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
         fields.update(positions=st.positions + 1, cache=out.cache)
         return DecodeState(**fields)
 
-    return jax.lax.while_loop(cond, body, state)
+    state = state.replace(cache=cache_to_layers(state.cache))
+    state = jax.lax.while_loop(cond, body, state)
+    return state.replace(cache=cache_from_layers(state.cache))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "mode",
