@@ -36,7 +36,8 @@ def _chat(args):
         failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
                           batch_size=args.batch_size, init_overrides=overrides or None,
-                          audio_out=args.audio_out, unit_decoder=args.unit_decoder)
+                          audio_out=args.audio_out, unit_decoder=args.unit_decoder,
+                          mesh=args.mesh)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--unit-decoder", default=None, metavar="PATH",
                    help="units-to-waveform decoder for --audio-out: the release's decoder "
                         "folder or a converted one (default: MODEL/unit_decoder)")
+    h.add_argument("--mesh", default=None, metavar="DATAxFSDPxTENSOR",
+                   help="run sharded over the local devices, e.g. 1x-1x1 (parameters over "
+                        "fsdp, as training); the config's mesh.rules map the axes")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "
