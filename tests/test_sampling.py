@@ -275,3 +275,27 @@ def test_decode_loop_reads_weights_without_copying_them():
               and np.prod([int(d) for d in m.group(1).split(",")])
               >= cfg.vocab_size * cfg.hidden_size]
     assert not copies, copies
+
+
+def test_scanned_and_unrolled_decode_loops_agree(params, batch):
+    """The decode loop's two layer paths (unrolled: the default on one device; scanned: kept
+    on fsdp-sharded meshes) give the same tokens and producing states from the same prefill."""
+    ids, _ = batch
+    mask = sampling.mask_from_pad(ids, PAD)
+    samp = sampling.make_sampling(1.0, top_k=20)  # sampled: a divergence would show quickly
+    mode = sampling.mode_of(samp)
+    n = 8
+    outs = {}
+    for unrolled in (True, False):
+        state = sampling._prefill_jit(CFG, params, jnp.asarray(ids), None, jnp.asarray(mask),
+                                      sampling.init_cache(CFG, 3, 9 + n - 1),
+                                      jax.random.key(3), sampling.rules_of(samp),
+                                      max_new_tokens=n, mode=mode, keep_hidden=True)
+        run = jax.jit(lambda p, s, u=unrolled: sampling.decode_until(CFG, p, s, n, mode, u))
+        outs[unrolled] = run(params, state)
+    a, b = outs[True], outs[False]
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.hidden), np.asarray(b.hidden), atol=1e-4)
+    for k in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(a.cache[k]), np.asarray(b.cache[k]), atol=1e-4)
+    assert int(a.step) == int(b.step) == n
