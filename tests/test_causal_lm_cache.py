@@ -110,11 +110,11 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("cfg", [QWEN, LLAMA], ids=["qwen2", "llama"])
 def test_unrolled_forward_equals_scanned(cfg):
-    """`forward_unrolled` (the decode loop's path: per-layer weights, per-layer cache, head
-    kernel made once) gives the scanned model's logits, hidden states and cache, chunk by
+    """`forward_unrolled` (the decode loop's path: per-layer weights, per-layer cache, the tied
+    head contracted without a transpose) gives the scanned model's logits, hidden states and cache, chunk by
     chunk, with left padding."""
     from freezeempath_jax.models.causal_lm import (cache_from_layers, cache_to_layers,
-                                                   forward_unrolled, head_kernel, split_layers)
+                                                   forward_unrolled, split_layers)
     p = _params(cfg)
     model = CausalLM(cfg)
     ids, mask = _batch()
@@ -123,23 +123,20 @@ def test_unrolled_forward_equals_scanned(cfg):
     unrolled = cache_to_layers(init_cache(cfg, 3, 20))
     layers = split_layers(p)
     assert len(layers) == cfg.num_layers
-    for head in (None, head_kernel(cfg, p)):
-        for start, stop in [(0, 9), (9, 10), (10, 11), (11, 14)]:
-            a = model.apply({"params": p}, input_ids=ids[:, start:stop],
-                            attention_mask=slot_mask, cache=scanned)
-            b = forward_unrolled(cfg, p, layers, input_ids=ids[:, start:stop],
-                                 attention_mask=slot_mask, cache=unrolled, head=head)
-            np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
-            np.testing.assert_allclose(np.asarray(b.hidden_states),
-                                       np.asarray(a.hidden_states), atol=1e-5)
-            stacked = cache_from_layers(b.cache)
-            for k in ("k", "v"):
-                np.testing.assert_allclose(np.asarray(stacked[k]), np.asarray(a.cache[k]),
-                                           atol=1e-5)
-            assert int(stacked["index"]) == int(a.cache["index"]) == stop
-            scanned, unrolled = a.cache, b.cache
-        scanned = init_cache(cfg, 3, 20)
-        unrolled = cache_to_layers(init_cache(cfg, 3, 20))
+    for start, stop in [(0, 9), (9, 10), (10, 11), (11, 14)]:
+        a = model.apply({"params": p}, input_ids=ids[:, start:stop], attention_mask=slot_mask,
+                        cache=scanned)
+        b = forward_unrolled(cfg, p, layers, input_ids=ids[:, start:stop],
+                             attention_mask=slot_mask, cache=unrolled)
+        np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.hidden_states), np.asarray(a.hidden_states),
+                                   atol=1e-5)
+        stacked = cache_from_layers(b.cache)
+        for k in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(stacked[k]), np.asarray(a.cache[k]),
+                                       atol=1e-5)
+        assert int(stacked["index"]) == int(a.cache["index"]) == stop
+        scanned, unrolled = a.cache, b.cache
 
 
 def test_split_layers_names_the_problem():

@@ -247,8 +247,9 @@ VOCAB_BIG, HIDDEN_BIG = 32000, 384
 def test_decode_loop_reads_weights_without_copying_them():
     """Performance properties of the compiled decode loop (tied head, batch 1): the layers are
     unrolled (no inner loop slicing stacked weights and caches each step) and no instruction
-    inside the `while_loop` body produces an array as large as the embedding (read through
-    `Embed.attend` in the loop, XLA copies the transposed [V, H] embedding every step)."""
+    inside the `while_loop` body produces an array as large as the embedding (through
+    `Embed.attend` in the unrolled loop, XLA copied the transposed [V, H] embedding every
+    step)."""
     cfg = LMConfig(vocab_size=VOCAB_BIG, hidden_size=HIDDEN_BIG, intermediate_size=80, num_layers=2,
                    num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_embeddings=True)
     p = random_params(cfg)

@@ -36,8 +36,7 @@ import numpy as np
 from flax import struct
 
 from freezeempath_jax.models.causal_lm import (CausalLM, cache_from_layers, cache_to_layers,
-                                               forward_unrolled, head_kernel, init_cache,
-                                               split_layers)
+                                               forward_unrolled, init_cache, split_layers)
 from freezeempath_jax.models.configs import LMConfig, to_dtype
 
 _TRACES: collections.Counter = collections.Counter()
@@ -262,8 +261,7 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
     static shapes, their outputs are replaced by pad) and samples the next.
 
     unrolled (default `unrolled_decode_default()`): the layers run unrolled
-    (`causal_lm.forward_unrolled`): the per-layer weights (and at batch 1 a tied head's
-    transposed kernel) are sliced once before the loop and each layer's cache is updated in place inside it, so a step
+    (`causal_lm.forward_unrolled`): the per-layer weights are sliced once before the loop and each layer's cache is updated in place inside it, so a step
     reads every weight once and copies no cache. Otherwise the scanned model runs each step.
     Both give the same tokens.
     """
@@ -274,12 +272,6 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
         unrolled = unrolled_decode_default()
     if unrolled:
         layer_params = split_layers(params)
-        # A tied head as a transposed [H, V] copy made once: at batch 1, reading the [V, H]
-        # embedding transposed inside the loop makes XLA (CPU) copy it every step. At larger
-        # batches the [V, H] read is the faster matmul (0.5B shape, 2-core CPU, batch 8: 165
-        # vs 229 ms) and no copy appears, so it is kept.
-        head = (head_kernel(config, params)
-                if config.tie_embeddings and state.tokens.shape[0] == 1 else None)
 
     def cond(st: DecodeState):
         return (st.step < stop_at) & ~jnp.all(st.done)
@@ -289,7 +281,7 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
         if unrolled:
             out = forward_unrolled(config, params, layer_params, input_ids=last,
                                    positions=st.positions[:, None],
-                                   attention_mask=st.slot_mask, cache=st.cache, head=head)
+                                   attention_mask=st.slot_mask, cache=st.cache)
         else:
             out = model.apply({"params": params}, input_ids=last,
                               positions=st.positions[:, None], attention_mask=st.slot_mask,

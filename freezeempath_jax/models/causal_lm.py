@@ -12,9 +12,9 @@ Two ways through the layers, equal in value:
   training).
 - `forward_unrolled`: a Python loop over per-layer weights (`split_layers`) and a per-layer
   cache (`cache_to_layers`). The decode loop uses it: inside a `while_loop`, the scan slices
-  every layer's weights out of the stacked arrays (a copy per step on CPU) and writes the
-  cache as a fresh stacked output, while the unrolled form reads each weight once per step and
-  updates each layer's cache in place.
+  every layer's weights out of the stacked arrays each step and writes the cache as a fresh
+  stacked output, while the unrolled form takes the slices once, before the loop, and updates
+  each layer's cache in place.
 """
 
 from __future__ import annotations
@@ -240,27 +240,15 @@ def cache_from_layers(cache: dict) -> dict:
             "v": jnp.stack([c["v"] for c in cache["layers"]]), "index": cache["index"]}
 
 
-def head_kernel(config: LMConfig, params):
-    """The LM head as an [H, V] kernel: the transposed embedding when tied, else lm_head's.
-
-    Made once outside a decode loop: a tied head read through `Embed.attend` inside the loop
-    makes XLA (CPU) copy the transposed [V, H] embedding at every step.
-    """
-    if config.tie_embeddings:
-        return jnp.transpose(params["embed_tokens"]["embedding"])
-    return params["lm_head"]["kernel"]
-
-
 def forward_unrolled(config: LMConfig, params, layer_params, *, cache: dict, input_ids=None,
                      inputs_embeds=None, positions=None, attention_mask=None,
-                     return_logits: bool = True, head=None) -> LMOutput:
+                     return_logits: bool = True) -> LMOutput:
     """`CausalLM.__call__` with a cache, layer by layer: equal outputs, per-layer weights
     `layer_params` (from `split_layers(params)`, sliced once outside a decode loop) and a
     per-layer cache (`cache_to_layers`); the returned cache has the same per-layer layout.
 
     params supplies the embedding, final norm and LM head (its "layers" entry is not read).
     attention_mask [B, S] covers every cache slot; positions default as in `__call__`.
-    head: the [H, V] kernel from `head_kernel` (default: the head as `CausalLM.logits` reads it).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -289,12 +277,16 @@ def forward_unrolled(config: LMConfig, params, layer_params, *, cache: dict, inp
         new_layers.append(new_kv)
     hidden = model.apply({"params": params}, x, method=CausalLM.final_norm)
     logits = None
-    if return_logits and head is None:
-        logits = model.apply({"params": params}, hidden, method=CausalLM.logits)
-    elif return_logits:
+    if return_logits and config.tie_embeddings:
+        # [B, T, H] x [V, H] contracted on H directly (not `Embed.attend`'s dot with the
+        # transposed embedding, which XLA (CPU) turned into a copy of it every decode step)
         dtype = to_dtype(config.dtype)
-        logits = jnp.dot(hidden.astype(dtype), head.astype(dtype))
+        logits = jax.lax.dot_general(hidden.astype(dtype),
+                                     params["embed_tokens"]["embedding"].astype(dtype),
+                                     (((2,), (1,)), ((), ())))
         logits = constrain(logits, ("activation_batch", "activation_length",
                                     "activation_vocab")).astype(jnp.float32)
+    elif return_logits:
+        logits = model.apply({"params": params}, hidden, method=CausalLM.logits)
     return LMOutput(logits=logits, hidden_states=hidden,
                     cache={"layers": tuple(new_layers), "index": index + t})
