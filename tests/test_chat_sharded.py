@@ -78,3 +78,21 @@ def test_chat_on_8_device_mesh_equals_single_device():
             assert a["emotion"] == b["emotion"], (mesh, i)
             for k in a["probs"]:
                 assert abs(a["probs"][k] - b["probs"][k]) < 1e-5, (mesh, i, k)
+
+
+def test_load_chat_model_with_a_mesh_string_initialises_into_shardings():
+    """`load_chat_model(config, mesh="1x-1x1")` (the `chat --mesh` path): parameters no
+    checkpoint holds are initialised straight into their shardings on the mesh (one device
+    here); a malformed mesh is one error naming it."""
+    import jax
+    import pytest
+
+    from freezeempath_jax.inference.loading import load_chat_model
+    from freezeempath_jax.models.presets import TINY
+
+    m = load_chat_model(TINY, mesh="1x-1x1")
+    assert dict(m.mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    leaves = jax.tree.leaves(m.params)
+    assert leaves and all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in leaves)
+    with pytest.raises(ValueError, match="2xq"):
+        load_chat_model(TINY, mesh="2xq")

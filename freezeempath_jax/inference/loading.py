@@ -108,9 +108,12 @@ def _assemble(model_cfg: FreezeEmpathConfig, loaded: dict, seed: int, dtype, mes
             raise ValueError(f"parameter {k}: loaded shape {np.shape(v)}, model shape "
                              f"{tuple(want[k].shape)}")
     p_rng, _ = jax.random.split(jax.random.PRNGKey(seed))  # as `TrainStep.init` splits it
-    with sharding_lib.mesh_rules(mesh):
-        flat = dict(init_missing(model_cfg, p_rng, [k for k in want if k not in given],
-                                 shardings))
+    missing = [k for k in want if k not in given]
+    if mesh is None:
+        flat = dict(init_missing(model_cfg, p_rng, missing))
+    else:  # the mesh only (as the trainer does): output shardings say where leaves go
+        with jax.set_mesh(mesh):
+            flat = dict(init_missing(model_cfg, p_rng, missing, shardings))
     for k, v in given.items():
         if shardings is None:
             flat[k] = jnp.asarray(v)
