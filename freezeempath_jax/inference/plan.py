@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +108,8 @@ def turn_fn(config: FreezeEmpathConfig, max_new_tokens: int):
 
 
 def plan_turn(config: FreezeEmpathConfig, mesh_shape: Sequence[int], devices=None, *,
-              rules=sharding.DEFAULT_RULES, batch: int = 1, text_tokens: int = 32, max_new_tokens: int = 256,
+              rules=sharding.DEFAULT_RULES, batch: int = 1, text_tokens: int = 32,
+              max_new_tokens: int = 256,
               param_dtype: str = "bfloat16") -> TurnPlan:
     """Lowers and compiles one chat turn of `config` (parameters in `param_dtype`, computing
     in it too) on a mesh of `mesh_shape` (data, fsdp, tensor) over the first devices of

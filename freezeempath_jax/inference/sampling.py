@@ -261,9 +261,10 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
     static shapes, their outputs are replaced by pad) and samples the next.
 
     unrolled (default `unrolled_decode_default()`): the layers run unrolled
-    (`causal_lm.forward_unrolled`): the per-layer weights are sliced once before the loop and each layer's cache is updated in place inside it, so a step
-    reads every weight once and copies no cache. Otherwise the scanned model runs each step.
-    Both give the same tokens.
+    (`causal_lm.forward_unrolled`): the per-layer weights are sliced once before the loop
+    and each layer's cache is updated in place inside it, so a step reads every weight once
+    and copies no cache. Otherwise the scanned model runs each step. Both give the same
+    tokens.
     """
     model = CausalLM(config)
     n = state.max_new_tokens
