@@ -4,6 +4,7 @@ same weights, in one process (a script, not a test; never run in CI).
     python benchmarks/bench_decode.py                  # random Qwen2-0.5B-shaped model
     python benchmarks/bench_decode.py --layers 6       # fewer layers (memory / time)
     python benchmarks/bench_decode.py --smollm2        # + SmolLM2-135M real weights (GGUF)
+    python benchmarks/bench_decode.py --preset 25m     # ~25M random Qwen2 (issue 18's figure)
 
 Both sides: greedy, float32, the same prompt ids (B rows of `--prompt-len` random tokens),
 exactly `--new-tokens` new tokens (no EOS), warm-up runs excluded, best of `--repeats` interleaved runs.
@@ -84,17 +85,30 @@ def bench_pair(name: str, lm_config, params, torch_model, batch: int, prompt_len
             "jax_prefill_s": t_ours[1], "torch_prefill_s": t_theirs[1]}
 
 
-def random_qwen2(layers: int, workdir: str):
-    """A random Qwen2-0.5B-shaped transformers model and the same weights through our loader."""
+# Shapes of the random Qwen2 models (`--preset`); `--layers` overrides the layer count.
+PRESETS = {
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+    "25m": dict(vocab_size=32000, hidden_size=384, intermediate_size=1536,
+                num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+def random_qwen2(layers: int, workdir: str, preset: str = "0.5b"):
+    """A random Qwen2 transformers model of a `PRESETS` shape and the same weights through our
+    loader."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from freezeempath_jax.checkpoints import load_causal_lm
 
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=layers, num_attention_heads=14, num_key_value_heads=2,
-                      max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, torch_dtype="float32")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    shape = dict(PRESETS[preset])
+    if layers:
+        shape["num_hidden_layers"] = layers
+    cfg = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None
@@ -166,7 +180,9 @@ def table(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=24, help="Qwen2-0.5B has 24")
+    p.add_argument("--preset", default="0.5b", choices=sorted(PRESETS),
+                   help="random Qwen2 shape: 0.5b (Qwen2-0.5B) or 25m (~25M parameters)")
+    p.add_argument("--layers", type=int, default=0, help="layer count (default: the preset's)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -181,8 +197,10 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_qwen:
-            cfg, params, model = random_qwen2(args.layers, tmp)
-            name = f"Qwen2-0.5B shape, random, {args.layers} layers"
+            cfg, params, model = random_qwen2(args.layers, tmp, args.preset)
+            n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            name = (f"Qwen2 {args.preset} shape, random, {cfg.num_layers} layers, "
+                    f"{n_params:.0f}M params")
             for b in batches:
                 rows.append(bench_pair(name, cfg, params, model, b, args.prompt_len,
                                        args.new_tokens, args.repeats))

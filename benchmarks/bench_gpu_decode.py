@@ -2,8 +2,14 @@
 `lax.while_loop` decode vs transformers PyTorch `generate`, against the memory-bandwidth floor
 (a script for a lent GPU, not a test).
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python benchmarks/bench_gpu_decode.py --out result.json
-    python benchmarks/bench_gpu_decode.py --preset tiny --no-torch   # a CPU smoke run
+    python benchmarks/bench_gpu_decode.py --out benchmarks/results/gpu_decode.json  # all of it
+    python benchmarks/bench_gpu_decode.py --preset tiny --repeats 1  # a CPU smoke run
+
+One command measures, in one process: our 7B decode at batch 1 and 8 against the bandwidth
+floor; transformers `generate` eager and with its static cache + `torch.compile` (the
+strongest PyTorch baseline; `--no-torch-compile` skips it); and the time to the first audio
+unit of one spoken turn (30 s clip -> Whisper-large-v3 encoder -> prompt -> 7B LLM ->
+speech decoder, the FREEZEEMPATH_7B shape, `--no-ttfa` skips it).
 
 Both sides: random weights of the Qwen2.5-7B-Instruct shape in bf16 (the weights' values do
 not change the speed; identical numbers across frameworks are checked on CPU by
@@ -101,7 +107,9 @@ def jax_rows(cfg, batches, prompt_len, new_tokens, repeats, floor_bw, emit):
               "weight_gb": weight_bytes / 1e9})
 
 
-def torch_rows(cfg, batches, prompt_len, new_tokens, repeats, emit):
+def torch_rows(cfg, batches, prompt_len, new_tokens, repeats, emit, compiled: bool = False):
+    """transformers `generate` rows: eager with its dynamic cache, or (`compiled`) with the
+    static cache and `torch.compile` of the forward (mode "reduce-overhead": CUDA graphs)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -117,6 +125,11 @@ def torch_rows(cfg, batches, prompt_len, new_tokens, repeats, emit):
         model = Qwen2ForCausalLM(hf).eval()
     torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id = None
+    name = f"PyTorch {torch.__version__} generate"
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        name += " (static cache + torch.compile)"
 
     def gen(ids, n):
         if dev == "cuda":
@@ -137,8 +150,63 @@ def torch_rows(cfg, batches, prompt_len, new_tokens, repeats, emit):
         t1 = min(gen(ids, 1) for _ in range(repeats))
         tn = min(gen(ids, new_tokens) for _ in range(repeats))
         step_s = (tn - t1) / (new_tokens - 1)
-        emit({"framework": f"PyTorch {torch.__version__} generate", "batch": b,
+        emit({"framework": name, "batch": b,
               "ms_per_step": step_s * 1e3, "tokens_per_s": b / step_s})
+
+
+def ttfa_row(repeats, emit, preset: str = "qwen7b"):
+    """Time to the first audio unit of one spoken turn (batch 1, 30 s clip, sampled at the
+    release settings): log-mel on the device -> encoder, projector, emotion extractor ->
+    prompt embeddings -> `stream_speech` until its first round that holds a unit. Random
+    weights of the FREEZEEMPATH_7B shape (TINY with `--preset tiny`) in bf16; the first run
+    compiles, the best of `repeats` later runs is reported."""
+    import jax
+    import jax.numpy as jnp
+
+    from freezeempath_jax.checkpoints.model_tree import init_boxed_params
+    from freezeempath_jax.inference.plan import with_dtype
+    from freezeempath_jax.inference.speech_generation import stream_speech
+    from freezeempath_jax.models import presets
+    from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures
+    from freezeempath_jax.tree import cast_floating
+    from flax import linen as nn
+
+    cfg = with_dtype(presets.FREEZEEMPATH_7B if preset == "qwen7b" else presets.TINY,
+                     "bfloat16")
+    params = jax.block_until_ready(jax.jit(lambda k: cast_floating(
+        nn.meta.unbox(init_boxed_params(cfg, k)), jnp.bfloat16))(jax.random.key(0)))
+    model = FreezeEmpath(cfg)
+    frames = 2 * cfg.whisper.max_source_positions
+    mel = jnp.asarray(np.random.RandomState(0).randn(1, cfg.whisper.n_mels, frames),
+                      jnp.float32)
+    s_tok, q_tok = cfg.num_speech_tokens, cfg.emotion.num_queries
+    ids = np.concatenate([np.full(16, 3), np.full(s_tok, cfg.speech_token_id),
+                          np.full(q_tok, cfg.emotion_token_id), np.full(16, 5)])[None]
+    ids = jnp.asarray(ids, jnp.int32)
+    encode = jax.jit(lambda p, m: model.apply({"params": p}, m,
+                                              method=FreezeEmpath.encode_speech))
+    embed = jax.jit(lambda p, i, s, e: model.apply({"params": p}, i, SpeechFeatures(s, e, None),
+                                                   method=FreezeEmpath.prompt_embeds))
+
+    def first_unit():
+        t = time.perf_counter()
+        speech, emotion, _ = encode(params, mel)
+        emb = embed(params, ids, speech, emotion)
+        rounds = 0
+        for _, units in stream_speech(cfg.llm, params["llm"], cfg.speech_decoder,
+                                      params["speech_decoder"], emb, max_new_tokens=64,
+                                      temperature=0.7, seed=42, max_units=64):
+            rounds += 1
+            if units[0]:
+                break
+        return time.perf_counter() - t, rounds
+
+    tic = time.perf_counter()
+    first_unit()
+    compile_s = time.perf_counter() - tic
+    best, rounds = min(first_unit() for _ in range(repeats))
+    emit({"framework": "JAX (ours): time to first audio unit, one 30 s spoken turn",
+          "batch": 1, "ttfa_ms": best * 1e3, "rounds": rounds, "compile_s": compile_s})
 
 
 def main(argv=None):
@@ -149,6 +217,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-torch-compile", action="store_true",
+                   help="skip the static-cache + torch.compile baseline")
+    p.add_argument("--no-ttfa", action="store_true", help="skip the time to first audio unit")
     p.add_argument("--out", default=None, help="JSON file written after every row")
     args = p.parse_args(argv)
 
@@ -178,16 +249,33 @@ def main(argv=None):
             r["floor_ms_datasheet"] = r["floor_ms"] * measured / nominal
     if not args.no_torch:
         torch_rows(cfg, batches, args.prompt_len, args.new_tokens, args.repeats, emit)
+        if not args.no_torch_compile:
+            try:
+                torch_rows(cfg, batches, args.prompt_len, args.new_tokens, args.repeats, emit,
+                           compiled=True)
+            except Exception as e:  # keep the other rows: the reason goes into the output
+                emit({"framework": "PyTorch static cache + torch.compile", "batch": 0,
+                      "error": f"{type(e).__name__}: {e}"[:500]})
+    if not args.no_ttfa:
+        ttfa_row(args.repeats, emit, args.preset)
     save(rows, meta, args.out)
     print(f"\n{kind}; copy bandwidth {measured / 1e12:.2f} TB/s (datasheet "
           f"{(nominal or 0) / 1e12:.2f}); prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print("| framework | batch | ms / step | tokens/s | floor ms (measured BW) | floor / step |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "ms_per_step" not in r:
+            continue
         fl = (f"{r['floor_ms']:.2f} | {r['floor_fraction']:.0%}" if "floor_ms" in r
               else "- | -")
         print(f"| {r['framework']} | {r['batch']} | {r['ms_per_step']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {fl} |")
+    for r in rows:
+        if "ttfa_ms" in r:
+            print(f"time to first audio unit: {r['ttfa_ms']:.0f} ms ({r['rounds']} round(s); "
+                  f"first run with compilation {r['compile_s']:.0f} s)")
+        if "error" in r:
+            print(f"{r['framework']}: {r['error']}")
 
 
 if __name__ == "__main__":

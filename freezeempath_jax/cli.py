@@ -47,7 +47,7 @@ def _chat(args):
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
                           batch_size=args.batch_size, init_overrides=overrides or None,
                           audio_out=args.audio_out, unit_decoder=args.unit_decoder,
-                          dual_thinking=args.dual_thinking)
+                          dual_thinking=args.dual_thinking, mesh=args.mesh)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "analysis from the model's heads, e.g. '(The user sounds like a woman, "
                         "and sad.)' (the line gets `analysis`); default: as the checkpoint "
                         "was trained (data.dual_thinking)")
+    h.add_argument("--mesh", default=None, metavar="DATAxFSDPxTENSOR",
+                   help="run sharded over the local devices, e.g. 1x-1x1 (parameters over "
+                        "fsdp, as training); the config's mesh.rules map the axes")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

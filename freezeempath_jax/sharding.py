@@ -17,7 +17,8 @@ Activation axis names:
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import contextlib
+from typing import Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -113,12 +114,28 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*out)
 
 
+def dedup_logical_names(boxed):
+    """Replaces repeated logical names within one parameter by None (a mesh axis can shard
+    only one dimension of an array)."""
+    def one(x):
+        if not isinstance(x, nn.LogicallyPartitioned):
+            return x
+        seen, names = set(), []
+        for n in x.names:
+            names.append(None if n is not None and n in seen else n)
+            seen.add(n)
+        return x.replace(names=tuple(names))
+    return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def param_shardings(abstract_boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a boxed (nn.LogicallyPartitioned) parameter tree of abstract arrays.
 
     Uses the logical names the layers declare and the rules; dims that a mesh axis does not
-    divide fall back to replication.
+    divide fall back to replication, and a name repeated within one parameter (a square conv
+    kernel (k, audio_embed, audio_embed)) is sharded on its first dimension only.
     """
+    abstract_boxed_params = dedup_logical_names(abstract_boxed_params)
     logical = nn.get_partition_spec(abstract_boxed_params)
     mesh_specs = nn.logical_to_mesh(logical, rules)
     unboxed = nn.meta.unbox(abstract_boxed_params)
@@ -128,5 +145,57 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def constrain(x, names):
-    """Logical sharding constraint on an activation (no-op outside a mesh / rules context)."""
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint on an activation (no-op outside a mesh / rules context).
+
+    Mesh axes that do not divide a dimension are dropped for that dimension (as `fit_spec`
+    does for parameters): a batch of 2 rows on an 8-way batch axis, or 4 heads on an 8-way
+    tensor axis, stays replicated there instead of failing to compile, so inference can run
+    any batch on the mesh and rules training uses.
+    """
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return nn.with_logical_constraint(x, names)
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
+
+
+def parse_mesh(text: str) -> Tuple[int, ...]:
+    """"DATAxFSDPxTENSOR" (e.g. "1x-1x1", "2x4x1") -> a mesh shape for `make_mesh`."""
+    try:
+        shape = tuple(int(d) for d in str(text).lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != len(MESH_AXES) or any(d == 0 or d < -1 for d in shape):
+        raise ValueError(f"mesh {text!r}: expected DATAxFSDPxTENSOR with positive sizes (one "
+                         f"may be -1), e.g. 1x-1x1 for {MESH_AXES}")
+    return shape
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Optional[Mesh], rules=DEFAULT_RULES):
+    """Context for tracing and running jitted code on `mesh` under logical-axis `rules`
+    (read by `constrain` at trace time); does nothing when mesh is None."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def place_params(params, abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """Each leaf of `params` (host or device arrays, the unboxed tree of `abstract_boxed`)
+    put straight into its sharding on `mesh` (`param_shardings`): a host array is sliced
+    per device, never gathered whole on one device. Shapes must match the abstract tree."""
+    shardings = param_shardings(abstract_boxed, mesh, rules)
+    unboxed = nn.meta.unbox(abstract_boxed)
+
+    def one(path, x, want, sh):
+        if tuple(np.shape(x)) != tuple(want.shape):
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)}: shape {np.shape(x)}, "
+                             f"model shape {tuple(want.shape)}")
+        return jax.device_put(x, sh)
+
+    return jax.tree_util.tree_map_with_path(one, params, unboxed, shardings)

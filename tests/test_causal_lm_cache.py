@@ -106,3 +106,40 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="attention_mask has shape"):
         CausalLM(QWEN).apply({"params": p}, input_ids=jnp.zeros((2, 3), jnp.int32),
                              attention_mask=jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("cfg", [QWEN, LLAMA], ids=["qwen2", "llama"])
+def test_unrolled_forward_equals_scanned(cfg):
+    """`forward_unrolled` (the decode loop's path: per-layer weights, per-layer cache, the tied
+    head contracted without a transpose) gives the scanned model's logits, hidden states and cache, chunk by
+    chunk, with left padding."""
+    from freezeempath_jax.models.causal_lm import (cache_from_layers, cache_to_layers,
+                                                   forward_unrolled, split_layers)
+    p = _params(cfg)
+    model = CausalLM(cfg)
+    ids, mask = _batch()
+    slot_mask = jnp.concatenate([mask, jnp.ones((3, 6), jnp.int32)], axis=1)
+    scanned = init_cache(cfg, 3, 20)
+    unrolled = cache_to_layers(init_cache(cfg, 3, 20))
+    layers = split_layers(p)
+    assert len(layers) == cfg.num_layers
+    for start, stop in [(0, 9), (9, 10), (10, 11), (11, 14)]:
+        a = model.apply({"params": p}, input_ids=ids[:, start:stop], attention_mask=slot_mask,
+                        cache=scanned)
+        b = forward_unrolled(cfg, p, layers, input_ids=ids[:, start:stop],
+                             attention_mask=slot_mask, cache=unrolled)
+        np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.hidden_states), np.asarray(a.hidden_states),
+                                   atol=1e-5)
+        stacked = cache_from_layers(b.cache)
+        for k in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(stacked[k]), np.asarray(a.cache[k]),
+                                       atol=1e-5)
+        assert int(stacked["index"]) == int(a.cache["index"]) == stop
+        scanned, unrolled = a.cache, b.cache
+
+
+def test_split_layers_names_the_problem():
+    with pytest.raises(KeyError, match="layers"):
+        from freezeempath_jax.models.causal_lm import split_layers
+        split_layers({"embed_tokens": {}})

@@ -224,3 +224,79 @@ def test_bad_arguments_are_named(params):
                                attention_mask=np.array([[1, 1, 0]]))
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling.generate_text(CFG, params, np.array([[5, 6]]), max_new_tokens=0)
+
+
+def _while_body_ops(hlo: str):
+    """(opcode, element count) of every instruction in the body of the outermost while loop
+    (the one the ENTRY computation runs) of compiled HLO text."""
+    import re
+    entry = hlo[hlo.index("\nENTRY "):]
+    body = re.search(r"while\(.*?body=%?([\w.\-]+)", entry).group(1)
+    start = re.search(r"^%?" + re.escape(body) + r" \(", hlo, re.M).start()
+    block = hlo[start:hlo.index("\n}", start)]
+    ops = [("while", 0)] * len(re.findall(r"\swhile\(", block))  # tuple-shaped
+    for m in re.finditer(r"=\s+[a-z0-9]+\[([\d,]*)\]\S*\s+([\w\-]+)\(", block):
+        dims = [int(d) for d in m.group(1).split(",") if d]
+        ops.append((m.group(2), int(np.prod(dims)) if dims else 1))
+    return ops
+
+
+VOCAB_BIG, HIDDEN_BIG = 32000, 384
+
+
+def test_decode_loop_reads_weights_without_copying_them():
+    """Performance properties of the compiled decode loop (tied head, batch 1): the layers are
+    unrolled (no inner loop slicing stacked weights and caches each step) and no instruction
+    inside the `while_loop` body produces an array as large as the embedding (through
+    `Embed.attend` in the unrolled loop, XLA copied the transposed [V, H] embedding every
+    step)."""
+    cfg = LMConfig(vocab_size=VOCAB_BIG, hidden_size=HIDDEN_BIG, intermediate_size=80, num_layers=2,
+                   num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_embeddings=True)
+    p = random_params(cfg)
+    b, t, n = 1, 8, 4  # batch 1: XLA's matrix-vector path is the one that copied
+    samp = sampling.make_sampling()
+    mode = sampling.mode_of(samp)
+    state = sampling._prefill_jit(cfg, p, jnp.ones((b, t), jnp.int32), None,
+                                  jnp.ones((b, t), jnp.int32),
+                                  sampling.init_cache(cfg, b, t + n - 1), jax.random.key(0),
+                                  sampling.rules_of(samp), max_new_tokens=n, mode=mode,
+                                  keep_hidden=False)
+    hlo = sampling._decode_jit.lower(cfg, p, state, jnp.int32(n), mode=mode).compile().as_text()
+    ops = _while_body_ops(hlo)
+    assert "while" not in [op for op, _ in ops], "decode step runs an inner (layer) loop"
+    assert any(op == "fusion" or op == "dot" for op, _ in ops), ops[:20]  # parsed the body
+    big = [(op, size) for op, size in ops if size >= cfg.vocab_size * cfg.hidden_size
+           and op not in ("parameter", "get-tuple-element", "tuple", "bitcast")]
+    assert not big, big
+    # the same, for instructions of any computation that the loop body calls
+    import re
+    copies = [line.strip()[:120] for line in hlo.splitlines()
+              if "/while/body/" in line
+              and (m := re.search(r"=\s+f32\[([\d,]+)\]\S*\s+(copy|transpose)\(", line))
+              and np.prod([int(d) for d in m.group(1).split(",")])
+              >= cfg.vocab_size * cfg.hidden_size]
+    assert not copies, copies
+
+
+def test_scanned_and_unrolled_decode_loops_agree(params, batch):
+    """The decode loop's two layer paths (unrolled: the default on one device; scanned: kept
+    on fsdp-sharded meshes) give the same tokens and producing states from the same prefill."""
+    ids, _ = batch
+    mask = sampling.mask_from_pad(ids, PAD)
+    samp = sampling.make_sampling(1.0, top_k=20)  # sampled: a divergence would show quickly
+    mode = sampling.mode_of(samp)
+    n = 8
+    outs = {}
+    for unrolled in (True, False):
+        state = sampling._prefill_jit(CFG, params, jnp.asarray(ids), None, jnp.asarray(mask),
+                                      sampling.init_cache(CFG, 3, 9 + n - 1),
+                                      jax.random.key(3), sampling.rules_of(samp),
+                                      max_new_tokens=n, mode=mode, keep_hidden=True)
+        run = jax.jit(lambda p, s, u=unrolled: sampling.decode_until(CFG, p, s, n, mode, u))
+        outs[unrolled] = run(params, state)
+    a, b = outs[True], outs[False]
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.hidden), np.asarray(b.hidden), atol=1e-4)
+    for k in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(a.cache[k]), np.asarray(b.cache[k]), atol=1e-4)
+    assert int(a.step) == int(b.step) == n

@@ -38,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from freezeempath_jax import sharding as sharding_lib
 from freezeempath_jax.audio import log_mel_spectrogram
+from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params
 from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.inference.speech_generation import generate_speech
 from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
@@ -136,6 +138,11 @@ class ChatModel:
     max_context: prompt + reply limit (default the LLM's max_position_embeddings).
     dual_thinking: open each assistant turn with the paralinguistic analysis of the heads'
     predictions (see the module docstring).
+    mesh: a `jax.sharding.Mesh` (axes data, fsdp, tensor; `sharding.make_mesh`) to run on, or
+    None for one device. The parameters are placed by their logical axis names and `rules`
+    (default `sharding.DEFAULT_RULES`, training's), and every step is traced under the mesh
+    and rules, so activations follow the same constraints as in training (dimensions a mesh
+    axis does not divide stay replicated).
 
     A turn (`respond`) is three steps: `encode` (clips -> speech / emotion embeddings and SER
     logits), `build_prompts` (conversation history + the new turn -> padded ids and the
@@ -146,7 +153,7 @@ class ChatModel:
                  chat_template: str = "qwen", audio_seconds: float = MAX_SECONDS,
                  history: str = "embeddings", max_context: Optional[int] = None,
                  max_units: Optional[int] = None, prompt_bucket: int = 32,
-                 dual_thinking: bool = False):
+                 dual_thinking: bool = False, mesh=None, rules=None):
         if history not in ("embeddings", "text"):
             raise ValueError(f"history must be 'embeddings' or 'text', got {history!r}")
         frames = int(round(audio_seconds * 100))  # 10 ms hop
@@ -155,6 +162,11 @@ class ChatModel:
             # The model was trained on clips shorter than 30 s; the encoder must accept them.
             config = dataclasses.replace(config, whisper=dataclasses.replace(
                 config.whisper, allow_short_inputs=True))
+        self.mesh = mesh
+        self.rules = sharding_lib.rules_from_config(rules)
+        if mesh is not None:
+            params = sharding_lib.place_params(params, abstract_boxed_params(config), mesh,
+                                               self.rules)
         self.config, self.params = config, params
         self.codec = tokenizer if isinstance(tokenizer, Codec) else Codec(tokenizer)
         self.fmt = ChatFormat.named(chat_template, config.system_prompt)
@@ -189,7 +201,8 @@ class ChatModel:
         (copies of the first clip) so every batch shares compiled code."""
         mels = [self.mel(a) for a in audios]
         mels += [mels[0]] * (width - len(mels))
-        f = jax.device_get(self._encode(self.params, jnp.asarray(np.stack(mels))))
+        with self.context():
+            f = jax.device_get(self._encode(self.params, jnp.asarray(np.stack(mels))))
         return EncodedTurn(f.speech_embeds, f.emotion_embedding, f.ser_logits, f.cue_logits)
 
     def cue_labels(self, enc: EncodedTurn) -> List[Dict[str, str]]:
@@ -210,6 +223,11 @@ class ChatModel:
             emo = emotions[int(np.argmax(enc.ser_logits[i]))]
             out.append(paralinguistic_analysis(emo, cues.get("gender"), cues.get("age")))
         return out
+
+    def context(self):
+        """The mesh and logical-axis rules every jitted step runs under (nothing without a
+        mesh)."""
+        return sharding_lib.mesh_rules(self.mesh, self.rules)
 
     # -- prompts
 
@@ -293,6 +311,10 @@ class ChatModel:
     def generate(self, prompts: Prompts, *, speech: bool, **gen):
         """Step 3: splice the embeddings, then generate text (and units when the model has a
         speech decoder and `speech`). Returns (text ids per row, units per row or None)."""
+        with self.context():
+            return self._generate(prompts, speech=speech, **gen)
+
+    def _generate(self, prompts: Prompts, *, speech: bool, **gen):
         c = self.config
         embeds = self._embed(self.params, jnp.asarray(prompts.ids), jnp.asarray(prompts.speech),
                              jnp.asarray(prompts.emotion))

@@ -243,7 +243,7 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
              speech: bool = True, init_overrides: Optional[Dict[str, str]] = None,
              audio_out: Optional[str] = None, unit_decoder=None,
-             dual_thinking: Optional[bool] = None) -> int:
+             dual_thinking: Optional[bool] = None, mesh=None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
@@ -268,6 +268,7 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     off (the line gets `analysis`; `prediction` stays the reply); None keeps the model's
     default (the checkpoint's `data.dual_thinking`). Lines of a model with paralinguistic
     heads also get `paralinguistic` ({"gender": "female", ...}).
+    mesh: run sharded (a Mesh, a shape or "DATAxFSDPxTENSOR"; see `load_chat_model`).
     """
     items = read_items(input_path)
     check_output(output_path, input_path)
@@ -282,6 +283,7 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     else:
         extra = {} if dual_thinking is None else {"dual_thinking": bool(dual_thinking)}
         chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides,
+                                     mesh=mesh,
                                      **extra)
     failed = 0
     base_key = jax.random.key(int(seed))

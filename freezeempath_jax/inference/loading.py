@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from freezeempath_jax import sharding as sharding_lib
 from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params, init_missing
 from freezeempath_jax.checkpoints.orbax_io import load_converted
 from freezeempath_jax.checkpoints.workdir import init_path, load_init_parts
@@ -58,9 +59,12 @@ def model_from_training_config(cfg, workdir: Optional[str] = None,
     train, data, init = (get(cfg, "train", {}) or {}, get(cfg, "data", {}) or {},
                          get(cfg, "init", {}) or {})
     dtype = to_dtype(get(train, "frozen_dtype", "float32") or "float32")
+    mesh = kwargs.get("mesh")
+    if mesh is not None:
+        kwargs.setdefault("rules", get(get(cfg, "mesh", {}) or {}, "rules", None))
     params = _assemble(model_cfg, load_init_parts(init, dtype, [workdir] if workdir else [],
                                                   overrides=init_overrides),
-                       int(get(train, "seed", 0) or 0), dtype)
+                       int(get(train, "seed", 0) or 0), dtype, mesh, kwargs.get("rules"))
     spec = get(data, "tokenizer", "byte") or "byte"
     if spec == "auto":  # as the trainer reads it: the tokenizer stored with the LLM weights
         spec = (init_path(init, "freezeempath", init_overrides)
@@ -85,10 +89,18 @@ def _getter(cfg):
     return lambda d, k, default=None: getattr(d, k, default)
 
 
-def _assemble(model_cfg: FreezeEmpathConfig, loaded: dict, seed: int, dtype) -> dict:
+def _assemble(model_cfg: FreezeEmpathConfig, loaded: dict, seed: int, dtype, mesh=None,
+              rules=None) -> dict:
     """The full parameter tree: `loaded` leaves checked against the model's abstract tree,
-    the rest initialised (only they are computed), every float leaf in `dtype`."""
-    want = flatten_with_paths(nn.meta.unbox(abstract_boxed_params(model_cfg)))
+    the rest initialised (only they are computed), every float leaf in `dtype`. With a
+    `mesh`, each leaf goes from the host straight into its sharding (`rules`, default
+    training's) and the missing ones are initialised sharded."""
+    boxed = abstract_boxed_params(model_cfg)
+    want = flatten_with_paths(nn.meta.unbox(boxed))
+    shardings = None
+    if mesh is not None:
+        shardings = flatten_with_paths(sharding_lib.param_shardings(
+            boxed, mesh, sharding_lib.rules_from_config(rules)))
     given = flatten_with_paths(loaded)
     unknown = sorted(set(given) - set(want))
     if unknown:
@@ -98,8 +110,20 @@ def _assemble(model_cfg: FreezeEmpathConfig, loaded: dict, seed: int, dtype) -> 
             raise ValueError(f"parameter {k}: loaded shape {np.shape(v)}, model shape "
                              f"{tuple(want[k].shape)}")
     p_rng, _ = jax.random.split(jax.random.PRNGKey(seed))  # as `TrainStep.init` splits it
-    flat = dict(init_missing(model_cfg, p_rng, [k for k in want if k not in given]))
-    flat.update({k: jnp.asarray(v) for k, v in given.items()})
+    missing = [k for k in want if k not in given]
+    if mesh is None:
+        flat = dict(init_missing(model_cfg, p_rng, missing))
+    else:  # the mesh only (as the trainer does): output shardings say where leaves go
+        with jax.set_mesh(mesh):
+            flat = dict(init_missing(model_cfg, p_rng, missing, shardings))
+    for k, v in given.items():
+        if shardings is None:
+            flat[k] = jnp.asarray(v)
+        else:  # cast on the host first: the device holds only its shard, in `dtype`
+            v = np.asarray(v)
+            if jnp.issubdtype(v.dtype, jnp.floating):
+                v = v.astype(dtype)
+            flat[k] = jax.device_put(v, shardings[k])
     return cast_floating(unflatten({k: flat[k] for k in want}), dtype)
 
 
@@ -112,7 +136,13 @@ def load_chat_model(model: Union[str, os.PathLike, FreezeEmpathConfig],
     parts a config or workdir names (`chat --llm / --whisper / --release`): a checkpoint
     trained in another environment. A frozen part that cannot be found raises one
     `MissingModelError` line naming the config key, the path and the flag. kwargs go to
-    `ChatModel` (history, max_context, ...)."""
+    `ChatModel` (history, max_context, mesh, rules, ...); `mesh` may be a Mesh, a shape or a
+    "DATAxFSDPxTENSOR" string (`sharding.parse_mesh`); a training config's `mesh.rules` are
+    used unless `rules` is given."""
+    if kwargs.get("mesh") is not None and not isinstance(kwargs["mesh"], jax.sharding.Mesh):
+        m = kwargs["mesh"]
+        kwargs["mesh"] = sharding_lib.make_mesh(sharding_lib.parse_mesh(m) if isinstance(m, str)
+                                                else tuple(m))
     if isinstance(model, FreezeEmpathConfig):
         return model_from_training_config({"model": to_dict(model)}, **kwargs)
     path = os.fspath(model)

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from freezeempath_jax.models.causal_lm import CausalLM, init_cache
+from freezeempath_jax.models.causal_lm import (CausalLM, cache_from_layers, cache_to_layers,
+                                               forward_unrolled, init_cache, split_layers)
 from freezeempath_jax.models.configs import LMConfig, to_dtype
 
 _TRACES: collections.Counter = collections.Counter()
@@ -243,24 +244,49 @@ def prefill_state(config: LMConfig, params, *, input_ids=None, inputs_embeds=Non
     return DecodeState(**_record(fields, tok, h))
 
 
+def unrolled_decode_default() -> bool:
+    """Whether the decode loop runs its layers unrolled here: yes, unless tracing under a mesh
+    whose "fsdp" axis shards the weights. There the per-layer weight slices taken before the
+    loop would be all-gathered once and held whole for the whole loop (the full LLM on every
+    device); the scanned layers gather one layer at a time inside the step instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1
+
+
 def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
-                 mode: SamplingMode) -> DecodeState:
+                 mode: SamplingMode, unrolled: Optional[bool] = None) -> DecodeState:
     """Decode steps while `step < min(stop_at, N)` and some row is still running (traceable).
 
     One `lax.while_loop`; each step feeds the newest token of every row (stopped rows too:
     static shapes, their outputs are replaced by pad) and samples the next.
+
+    unrolled (default `unrolled_decode_default()`): the layers run unrolled
+    (`causal_lm.forward_unrolled`): the per-layer weights are sliced once before the loop
+    and each layer's cache is updated in place inside it, so a step reads every weight once
+    and copies no cache. Otherwise the scanned model runs each step. Both give the same
+    tokens.
     """
     model = CausalLM(config)
     n = state.max_new_tokens
     stop_at = jnp.minimum(jnp.asarray(stop_at, jnp.int32), n)
+    if unrolled is None:
+        unrolled = unrolled_decode_default()
+    if unrolled:
+        layer_params = split_layers(params)
 
     def cond(st: DecodeState):
         return (st.step < stop_at) & ~jnp.all(st.done)
 
     def body(st: DecodeState) -> DecodeState:
         last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [B, 1]
-        out = model.apply({"params": params}, input_ids=last, positions=st.positions[:, None],
-                          attention_mask=st.slot_mask, cache=st.cache)
+        if unrolled:
+            out = forward_unrolled(config, params, layer_params, input_ids=last,
+                                   positions=st.positions[:, None],
+                                   attention_mask=st.slot_mask, cache=st.cache)
+        else:
+            out = model.apply({"params": params}, input_ids=last,
+                              positions=st.positions[:, None], attention_mask=st.slot_mask,
+                              cache=st.cache)
         tok = sample_with(out.logits[:, 0], jax.random.fold_in(st.key, st.step), mode,
                           st.rules)
         fields = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
@@ -268,7 +294,11 @@ def decode_until(config: LMConfig, params, state: DecodeState, stop_at,
         fields.update(positions=st.positions + 1, cache=out.cache)
         return DecodeState(**fields)
 
-    return jax.lax.while_loop(cond, body, state)
+    if not unrolled:
+        return jax.lax.while_loop(cond, body, state)
+    state = state.replace(cache=cache_to_layers(state.cache))
+    state = jax.lax.while_loop(cond, body, state)
+    return state.replace(cache=cache_from_layers(state.cache))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "mode",

@@ -5,6 +5,16 @@ Cache layout: {"k": [L, B, S, K, D], "v": [L, B, S, K, D], "index": int32 scalar
 the slot where the next chunk of tokens is written. Slots are positions in the cache, not
 token positions: with left padding a row's token positions start later than slot 0, and
 `attention_mask [B, S]` marks which slots hold real tokens.
+
+Two ways through the layers, equal in value:
+
+- `CausalLM.__call__`: one `nn.scan` over the stacked layer weights (compact code; prefill,
+  training).
+- `forward_unrolled`: a Python loop over per-layer weights (`split_layers`) and a per-layer
+  cache (`cache_to_layers`). The decode loop uses it: inside a `while_loop`, the scan slices
+  every layer's weights out of the stacked arrays each step and writes the cache as a fresh
+  stacked output, while the unrolled form takes the slices once, before the loop, and updates
+  each layer's cache in place.
 """
 
 from __future__ import annotations
@@ -22,6 +32,14 @@ from freezeempath_jax.models.layers import (Dense, RMSNorm, apply_rope, attentio
 from freezeempath_jax.sharding import constrain
 
 BTE = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _attend_mask(attention_mask, index, t: int):
+    """Bool [B, 1, T, S]: query slot index + i attends to real slots up to itself."""
+    s = attention_mask.shape[1]
+    q_slot = index + jnp.arange(t)
+    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
 
 
 @struct.dataclass
@@ -147,6 +165,10 @@ class CausalLM(nn.Module):
         """Token embeddings [B, T, H] in the computation dtype."""
         return self.embed_tokens(input_ids)
 
+    def final_norm(self, x):
+        """The norm after the last layer."""
+        return self.norm(x)
+
     def logits(self, hidden):
         """LM head on (final-normed) hidden states, returned in float32."""
         if self.config.tie_embeddings:
@@ -178,13 +200,11 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = positions_from_mask(attention_mask, index, t)
 
-        q_slot = index + jnp.arange(t)
-        causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-        mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)  # [B, 1, T, S]
+        mask = _attend_mask(attention_mask, index, t)
 
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, new_kv = self.layers(x, positions, mask, kv, index)
-        hidden = self.norm(x)
+        hidden = self.final_norm(x)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv["k"], "v": new_kv["v"], "index": index + t}
@@ -192,3 +212,81 @@ class CausalLM(nn.Module):
         if return_logits:
             logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
         return LMOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+
+
+def split_layers(params) -> tuple:
+    """Per-layer parameter trees (each a `DecoderBlock`'s) from a CausalLM tree whose
+    "layers" arrays are stacked on a leading [L] axis (traceable: static slices)."""
+    if "layers" not in params:
+        raise KeyError(f"CausalLM params have no 'layers' entry (keys: {sorted(params)})")
+    stacked = params["layers"]
+    n = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if len(n) != 1:
+        raise ValueError(f"stacked layer params disagree on the layer count: {sorted(n)}")
+    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n.pop()))
+
+
+def cache_to_layers(cache: dict) -> dict:
+    """{"k", "v": [L, B, S, K, D], "index"} -> {"layers": ({"k", "v": [B, S, K, D]}, ...),
+    "index"}: the per-layer cache `forward_unrolled` updates in place."""
+    n = cache["k"].shape[0]
+    return {"layers": tuple({"k": cache["k"][i], "v": cache["v"][i]} for i in range(n)),
+            "index": cache["index"]}
+
+
+def cache_from_layers(cache: dict) -> dict:
+    """Inverse of `cache_to_layers` (the stacked layout `CausalLM.__call__` reads)."""
+    return {"k": jnp.stack([c["k"] for c in cache["layers"]]),
+            "v": jnp.stack([c["v"] for c in cache["layers"]]), "index": cache["index"]}
+
+
+def forward_unrolled(config: LMConfig, params, layer_params, *, cache: dict, input_ids=None,
+                     inputs_embeds=None, positions=None, attention_mask=None,
+                     return_logits: bool = True) -> LMOutput:
+    """`CausalLM.__call__` with a cache, layer by layer: equal outputs, per-layer weights
+    `layer_params` (from `split_layers(params)`, sliced once outside a decode loop) and a
+    per-layer cache (`cache_to_layers`); the returned cache has the same per-layer layout.
+
+    params supplies the embedding, final norm and LM head (its "layers" entry is not read).
+    attention_mask [B, S] covers every cache slot; positions default as in `__call__`.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if len(layer_params) != config.num_layers or len(cache["layers"]) != config.num_layers:
+        raise ValueError(f"{len(layer_params)} layer param trees and {len(cache['layers'])} "
+                         f"cache layers for a {config.num_layers}-layer model")
+    model = CausalLM(config)
+    x = (model.apply({"params": params}, input_ids, method=CausalLM.embed)
+         if inputs_embeds is None else inputs_embeds)
+    x = constrain(x.astype(to_dtype(config.dtype)), BTE)
+    b, t = x.shape[:2]
+    index = cache["index"]
+    s = cache["layers"][0]["k"].shape[1]
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), jnp.int32)
+    if attention_mask.shape != (b, s):
+        raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} "
+                         "(cache slots)")
+    if positions is None:
+        positions = positions_from_mask(attention_mask, index, t)
+    mask = _attend_mask(attention_mask, index, t)
+    block = DecoderBlock(config)
+    new_layers = []
+    for lp, kv in zip(layer_params, cache["layers"]):
+        x, new_kv = block.apply({"params": lp}, x, positions, mask, kv, index)
+        new_layers.append(new_kv)
+    hidden = model.apply({"params": params}, x, method=CausalLM.final_norm)
+    logits = None
+    if return_logits and config.tie_embeddings:
+        # [B, T, H] x [V, H] contracted on H directly (not `Embed.attend`'s dot with the
+        # transposed embedding, which XLA (CPU) turned into a copy of it every decode step)
+        dtype = to_dtype(config.dtype)
+        logits = jax.lax.dot_general(hidden.astype(dtype),
+                                     params["embed_tokens"]["embedding"].astype(dtype),
+                                     (((2,), (1,)), ((), ())))
+        logits = constrain(logits, ("activation_batch", "activation_length",
+                                    "activation_vocab")).astype(jnp.float32)
+    elif return_logits:
+        logits = model.apply({"params": params}, hidden, method=CausalLM.logits)
+    return LMOutput(logits=logits, hidden_states=hidden,
+                    cache={"layers": tuple(new_layers), "index": index + t})
