@@ -453,3 +453,110 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     print(f"[demo] done in {metrics['total_seconds']:.0f} s: held-out SER accuracy "
           f"{ser['ser_accuracy']:.1%}; report in {report}", flush=True)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: speech out (the chatbot speaks its reply)
+#
+# After 2b the trained chat model answers training clips greedily; the frozen LLM's state
+# before each reply token is cached once; each reply is rendered by eSpeak in the style the
+# user's emotion calls for (`data.reply_speech`) and encoded by the demo's unit codec
+# (`models.unit_codec`, fitted here on those renders); the trainer's stage 3a then trains the
+# speech decoder on the cached states (it never runs the LLM). The codec is saved beside the
+# stage as `stage_3/unit_decoder/`, where `chat --audio-out` finds it.
+SPEECH_RECIPES = {
+    "full": dict(clips=160, lr=2e-3, batch_size=8, steps=300),
+    "quick": dict(clips=64, lr=2e-3, batch_size=8, steps=60),
+}
+REPLY_TOKENS = 32  # the demo's replies (chat uses max_new_tokens 32)
+MAX_REPLY_UNITS = 600  # 12 s of speech at 50 Hz
+UNIT_TEMPERATURE = 0.3  # lower than the release's 1.0: the small decoder's tail is noisy
+
+
+def codec_config():
+    """The demo's unit codec settings (512 codes over log-magnitude frame pairs)."""
+    from freezeempath_jax.models.configs import UnitCodecConfig
+
+    return UnitCodecConfig(codebook_size=512, feature="logmag")
+
+
+def speech_stage_config(quick: bool, previous: tuple, data_dir: str, cache_dir: str):
+    """Training config of stage 3a: the 2b model plus the demo speech decoder, records
+    passed in memory (`train_speech_stage`)."""
+    from freezeempath_jax.models import presets
+    from freezeempath_jax.models.configs import to_dict
+
+    r = dict(SPEECH_RECIPES["quick" if quick else "full"])
+    c = demo_config("2b", quick=quick, data_dir=data_dir, previous=previous,
+                    cache_dir=cache_dir)
+    c.model.speech_decoder = to_dict(presets.demo_speech_decoder(
+        codec_config().codebook_size, MAX_REPLY_UNITS))
+    c.recipes["3a"] = dict(lr=r["lr"], batch_size=r["batch_size"], steps=r["steps"])
+    c.stage = "3a"
+    c.data.kind = "memory"
+    c.data.target_len = REPLY_TOKENS + 1
+    c.data.units_len = MAX_REPLY_UNITS
+    c.train.eval_batches = 1
+    return c
+
+
+def _stratified(records: List[dict], n: int) -> List[dict]:
+    """The first n records taking the emotions in turn."""
+    by: Dict[str, List[dict]] = {}
+    for r in records:
+        by.setdefault(r.get("emotion", "?"), []).append(r)
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)]
+        i += 1
+    return out[:n]
+
+
+def train_speech_stage(workdir: str, quick: bool = False) -> dict:
+    """Stage 3 in `workdir/stage_3` (skipped when finished there). Returns its metrics and
+    costs: seconds to cache replies and states, to render and fit/encode, to train."""
+    from freezeempath_jax.audio import load_audio
+    from freezeempath_jax.checkpoints.unit_decoder import save_unit_codec
+    from freezeempath_jax.data.manifests import read_manifest
+    from freezeempath_jax.inference.loading import load_chat_model
+    from freezeempath_jax.train import trainer
+    from freezeempath_jax.train.speech_targets import stage3_records
+
+    data_dir = os.path.join(workdir, "data")
+    previous = tuple(os.path.join(workdir, f"stage_{s}") for s in STAGES)
+    cfg = speech_stage_config(quick, previous, data_dir, os.path.join(workdir, "cache"))
+    stage_dir = os.path.join(workdir, "stage_3")
+    steps = int(cfg.recipes["3a"]["steps"])
+    cached = _stage_done(stage_dir, steps)
+    if cached is not None and os.path.isdir(os.path.join(stage_dir, "unit_decoder")):
+        log.info("stage 3 already trained in %s: reusing it", stage_dir)
+        return dict(cached)
+    print(f"[demo] stage 3: replies, emotional TTS, unit codec, speech decoder ({steps} "
+          "steps)", flush=True)
+    n = SPEECH_RECIPES["quick" if quick else "full"]["clips"]
+    train = _stratified(read_manifest(os.path.join(data_dir, "train.jsonl")), n)
+    evals = _stratified(read_manifest(os.path.join(data_dir, "validation.jsonl")), 8)
+    tic = time.perf_counter()
+    bot = load_chat_model(os.path.join(workdir, "stage_2b"))
+    recs = train + evals
+    clips = [load_audio(r["audio"]) for r in recs]
+    cost = {}
+    codec = codec_config()
+    kept_train, (codec, codec_params), _ = stage3_records(
+        bot, train, clips[:len(train)], max_new_tokens=REPLY_TOKENS, codec_config=codec,
+        max_units=MAX_REPLY_UNITS)
+    kept_eval, _, _ = stage3_records(bot, evals, clips[len(train):],
+                                     max_new_tokens=REPLY_TOKENS, codec_config=codec,
+                                     codec_params=codec_params, max_units=MAX_REPLY_UNITS)
+    cost["targets_seconds"] = round(time.perf_counter() - tic, 1)
+    del bot
+    os.makedirs(stage_dir, exist_ok=True)
+    save_unit_codec(os.path.join(stage_dir, "unit_decoder"), codec, codec_params)
+    tic = time.perf_counter()
+    result = trainer.train(cfg, stage_dir, train_records=kept_train, eval_records=kept_eval)
+    cost["train_seconds"] = round(time.perf_counter() - tic, 1)
+    cost["num_records"] = len(kept_train)
+    cost["mean_units"] = float(np.mean([len(r["units"]) for r in kept_train]))
+    with open(os.path.join(stage_dir, "stage3_cost.json"), "w") as f:
+        json.dump(cost, f, indent=1)
+    return dict(result, **cost)

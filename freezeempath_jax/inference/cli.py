@@ -25,7 +25,7 @@ from freezeempath_jax.audio import load_audio
 from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder
 from freezeempath_jax.inference.chat import MAX_SECONDS, ChatModel
 from freezeempath_jax.inference.loading import load_chat_model
-from freezeempath_jax.models.unit_decoder import decode_units
+from freezeempath_jax.inference.voice import Voice
 
 log = logging.getLogger(__name__)
 
@@ -204,33 +204,23 @@ def _safe_name(qid) -> str:
 
 
 class _Speaker:
-    """Writes each answered item's units as `<dir>/<question_id>.wav` (22,050 Hz)."""
+    """Writes each answered item's units as `<dir>/<question_id>.wav` at the decoder's rate
+    (22,050 Hz for the release's decoder, 16 kHz for the demo's unit codec)."""
 
     def __init__(self, decoder, directory: str, seed: int):
-        self.config, self.params = decoder
+        self.voice = Voice(decoder)
         self.dir, self.seed = directory, int(seed)
         os.makedirs(directory, exist_ok=True)
         self.used: Dict[str, int] = {}
 
     def __call__(self, qid, units) -> str:
         """The written path; ValueError naming the problem for units it cannot speak."""
-        if units is None:
-            raise ValueError("the model has no speech decoder: it produced no units to speak")
-        u = np.asarray(units, np.int64).reshape(-1)
-        if u.size == 0:
-            raise ValueError("the reply has no speech units (empty): nothing to speak")
-        k = self.config.codec.codebook_size
-        bad = u[(u < 0) | (u >= k)]
-        if bad.size:
-            raise ValueError(f"speech units {bad[:5].tolist()} are outside the decoder's "
-                             f"codebook [0, {k})")
-        wav = decode_units(self.config, self.params, [u], seed=self.seed)[0]
+        wav = self.voice.decode(units, seed=self.seed)
         name = _safe_name(qid)
         n = self.used.get(name, 0)
         self.used[name] = n + 1
         path = os.path.join(self.dir, f"{name}.wav" if not n else f"{name}-{n}.wav")
-        sf.write(path, np.clip(wav, -1.0, 1.0), self.config.bigvgan.sampling_rate,
-                 subtype="PCM_16")
+        sf.write(path, np.clip(wav, -1.0, 1.0), self.voice.sampling_rate, subtype="PCM_16")
         return path
 
 
