@@ -4,11 +4,11 @@ The release turns speech into 8192 semantic-codec units and back with an IndexTT
 (`models.unit_decoder`); nothing of that size can be fitted on the CPU demo's budget, so the
 demo speaks through this small codec instead (same role: units in, waveform out):
 
-    encode   audio [B, N] -> STFT (n_fft 512, hop 160, periodic Hann) -> |S| [B, F, 257]
-             -> log(|S| + floor) -> pairs of frames [B, T, 2 * 257] (T = N / 320: 50 Hz)
-             -> nearest codeword of `codebook` [K, D]          -> units [B, T]
-    decode   units [B, T] -> `spectra` [K, 2, 257] (each unit's fitted log-magnitudes)
-             -> [B, 2T, 257] -> fast Griffin-Lim (momentum 0.99) -> waveform [B, 320 T]
+    encode   audio [B, N] -> STFT (n_fft, hop 160, periodic Hann) -> |S| [B, F, n_fft/2+1]
+             -> log(|S| + floor) -> pairs of frames [B, T, 2 (n_fft/2+1)] (T = N / 320:
+             50 Hz) -> nearest codeword of `codebook` [K, D]       -> units [B, T]
+    decode   units [B, T] -> `spectra` [K, 2, n_fft/2+1] (each unit's fitted log-magnitudes)
+             -> [B, 2T, n_fft/2+1] -> fast Griffin-Lim (momentum 0.99) -> waveform [B, 320 T]
 
 `codebook` is k-means over the analysis features of a corpus; `spectra` the mean
 log-magnitude frames of the frames each codeword took (`fit`). With `feature="mel"` the
