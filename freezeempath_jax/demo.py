@@ -566,6 +566,9 @@ def train_speech_stage(workdir: str, quick: bool = False) -> dict:
     del bot
     os.makedirs(stage_dir, exist_ok=True)
     save_unit_codec(os.path.join(stage_dir, "unit_decoder"), codec, codec_params)
+    # static shapes: pad units to the longest reply here (rounded), not to the cap
+    longest = max(len(r["units"]) for r in kept_train + kept_eval)
+    cfg.data.units_len = int(min(MAX_REPLY_UNITS, -(-longest // 32) * 32))
     tic = time.perf_counter()
     result = trainer.train(cfg, stage_dir, train_records=kept_train, eval_records=kept_eval)
     cost["train_seconds"] = round(time.perf_counter() - tic, 1)
