@@ -36,7 +36,8 @@ def _chat(args):
         failed = run_chat(args.model, args.input, args.output, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
                           batch_size=args.batch_size, init_overrides=overrides or None,
-                          audio_out=args.audio_out, unit_decoder=args.unit_decoder)
+                          audio_out=args.audio_out, unit_decoder=args.unit_decoder,
+                          unit_temperature=args.unit_temperature)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -124,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(adds prediction_audio to the line)")
     h.add_argument("--unit-decoder", default=None, metavar="PATH",
                    help="units-to-waveform decoder for --audio-out: the release's decoder "
-                        "folder or a converted one (default: MODEL/unit_decoder)")
+                        "folder, a converted one or the demo's unit codec (default: "
+                        "MODEL/unit_decoder)")
+    h.add_argument("--unit-temperature", type=float, default=1.0,
+                   help="temperature of speech-unit sampling (release: 1.0; the CPU demo's "
+                        "small decoder speaks better at 0.3)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

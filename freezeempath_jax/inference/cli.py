@@ -229,7 +229,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              batch_size: int = 4, top_k: Optional[int] = None, top_p: Optional[float] = None,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
              speech: bool = True, init_overrides: Optional[Dict[str, str]] = None,
-             audio_out: Optional[str] = None, unit_decoder=None) -> int:
+             audio_out: Optional[str] = None, unit_decoder=None,
+             unit_temperature: Optional[float] = None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
@@ -249,6 +250,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     and its line gets `prediction_audio` (the path). `unit_decoder`: the decoder's folder or
     a (config, params) pair (default `<model folder>/unit_decoder`). Units a decoder cannot
     speak (none, empty, outside its codebook) are an error of that item only.
+    unit_temperature: speech-unit sampling temperature of a model loaded here (default the
+    release's 1.0); a ChatModel passed in keeps its own.
     """
     items = read_items(input_path)
     check_output(output_path, input_path)
@@ -257,7 +260,9 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     if isinstance(model_path_or_config, ChatModel):
         chat_model = model_path_or_config
     else:
-        chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides)
+        extra = {} if unit_temperature is None else {"unit_temperature": unit_temperature}
+        chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides,
+                                     **extra)
     failed = 0
     base_key = jax.random.key(int(seed))
     with open(output_path, "w", encoding="utf-8") as out, tqdm(
