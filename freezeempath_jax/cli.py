@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder, a converted one or the demo's unit codec (default: "
                         "MODEL/unit_decoder)")
     h.add_argument("--unit-temperature", type=float, default=1.0,
-                   help="temperature of speech-unit sampling (release: 1.0; the CPU demo's "
-                        "small decoder speaks better at 0.3)")
+                   help="temperature of speech-unit sampling (release: 1.0; the CPU "
+                        "demo uses 0.3 for its small, briefly trained decoder)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "
