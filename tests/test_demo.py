@@ -66,8 +66,8 @@ def test_reduced_demo_speaks_its_replies(demo_run):
     with open(os.path.join(workdir, "chat", "held_out_answers.jsonl")) as f:
         rows = [json.loads(l) for l in f]
     assert rows and all(os.path.getsize(r["prediction_audio"]) > 44 for r in rows)
-    assert set(os.listdir(os.path.join(workdir, "chat", "audio"))) == {
-        os.path.basename(r["prediction_audio"]) for r in rows}
+    assert {os.path.basename(r["prediction_audio"]) for r in rows} <= set(
+        os.listdir(os.path.join(workdir, "chat", "audio")))
     ttfa = sp["time_to_first_audio"][-1]
     assert ttfa["chunks"] >= 2 and ttfa["first_audio_s"] < ttfa["total_s"]
     for name in ("speech.png", "speech.json"):
