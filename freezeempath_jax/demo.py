@@ -481,7 +481,7 @@ SPEECH_RECIPES = {
 }
 REPLY_TOKENS = 32  # the demo's replies (chat uses max_new_tokens 32)
 MAX_REPLY_UNITS = 600  # 12 s of speech at 50 Hz
-UNIT_TEMPERATURE = 0.3  # lower than the release's 1.0 for the under-trained small decoder (not tuned)
+UNIT_TEMPERATURE = 0.3  # below the release's 1.0, for the briefly trained decoder (not tuned)
 
 
 def codec_config():

@@ -1,7 +1,6 @@
 """The demo's unit codec (`models.unit_codec`): STFT round trip, fitting that separates
 sounds, batching-invariant pure decoding, per-utterance errors, save / load, streaming."""
 
-import jax
 import numpy as np
 import pytest
 
