@@ -47,7 +47,8 @@ def _chat(args):
                           max_new_tokens=args.max_new_tokens, seed=args.seed,
                           batch_size=args.batch_size, init_overrides=overrides or None,
                           audio_out=args.audio_out, unit_decoder=args.unit_decoder,
-                          dual_thinking=args.dual_thinking, mesh=args.mesh)
+                          dual_thinking=args.dual_thinking, mesh=args.mesh,
+                          unit_temperature=args.unit_temperature)
     except (ChatUsageError, CheckpointError, FileNotFoundError) as e:
         # the user's paths (input, output, model and its frozen parts): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(adds prediction_audio to the line)")
     h.add_argument("--unit-decoder", default=None, metavar="PATH",
                    help="units-to-waveform decoder for --audio-out: the release's decoder "
-                        "folder or a converted one (default: MODEL/unit_decoder)")
+                        "folder, a converted one or the demo's unit codec (default: "
+                        "MODEL/unit_decoder)")
     h.add_argument("--dual-thinking", default=None, type=_on_off, metavar="on|off",
                    help="OSUM-EChat dual thinking: open each reply with a paralinguistic "
                         "analysis from the model's heads, e.g. '(The user sounds like a woman, "
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--mesh", default=None, metavar="DATAxFSDPxTENSOR",
                    help="run sharded over the local devices, e.g. 1x-1x1 (parameters over "
                         "fsdp, as training); the config's mesh.rules map the axes")
+    h.add_argument("--unit-temperature", type=float, default=1.0,
+                   help="temperature of speech-unit sampling (release: 1.0; the CPU "
+                        "demo uses 0.3 for its small, briefly trained decoder)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

@@ -366,6 +366,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     emotions = list(EMOTIONS)
 
     stages = train_stages(workdir, quick=quick)
+    stages["3"] = train_speech_stage(workdir, quick=quick)
     t_train = time.perf_counter() - tic
     final_dir = os.path.join(workdir, "stage_2b")
     print("[demo] evaluating", flush=True)
@@ -386,16 +387,23 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     with open(manifest, "w") as f:
         for r in held_out[:5]:
             f.write(json.dumps({"id": r["id"], "audio": r["audio"]}) + "\n")
-    failures = run_chat(bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
-                             max_new_tokens=32, batch_size=5)
+    # the stage-3 model speaks: one WAV per answered item in chat/audio/
+    voice_bot = load_chat_model(os.path.join(workdir, "stage_3"),
+                                unit_temperature=UNIT_TEMPERATURE)
+    speech_kw = dict(audio_out=str(chat_dir / "audio"),
+                     unit_decoder=os.path.join(workdir, "stage_3", "unit_decoder"))
+    failures = run_chat(voice_bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
+                        max_new_tokens=32, batch_size=5, **speech_kw)
     shared = shared_audio_dir()
     if shared is not None:
         man = chat_dir / "shared_audio.jsonl"
         with open(man, "w") as f:
             for p in sorted(shared.glob("*.wav")):
                 f.write(json.dumps({"id": p.stem, "audio": str(p)}) + "\n")
-        failures += run_chat(bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
-                                  max_new_tokens=32, batch_size=5)
+        failures += run_chat(voice_bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
+                             max_new_tokens=32, batch_size=5, **speech_kw)
+    print("[demo] speech report", flush=True)
+    spoken = speech_report(workdir, report, quick=quick)
 
     replies = [p["reply"] for p in pairs] + [r["reply"] for r in unseen["rows"]] + [
         r for name in ("held_out_answers", "shared_audio_answers")
@@ -416,7 +424,9 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
         "chat_failures": failures, "train_seconds": round(t_train, 1),
         "total_seconds": round(time.perf_counter() - tic, 1), "quick": quick,
     }
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    metrics["speech"] = {k: v for k, v in spoken.items() if k != "rows"}
+    metrics["total_seconds"] = round(time.perf_counter() - tic, 1)
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     _plots(report, {s: os.path.join(workdir, f"stage_{s}") for s in stages}, ser["confusion"],
            emotions)
     lines = ["# FreezeEmpath-JAX demo: replies", "",
@@ -454,7 +464,278 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
                 said = row.get("prediction", row.get("error"))
                 lines.append(f"- `{Path(row['audio']).name}` "
                              f"({row.get('emotion', {}).get('label', '?')}): {said}")
+    lines += speech_lines(spoken)
     (report / "replies.md").write_text("\n".join(lines) + "\n")
     print(f"[demo] done in {metrics['total_seconds']:.0f} s: held-out SER accuracy "
           f"{ser['ser_accuracy']:.1%}; report in {report}", flush=True)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: speech out (the chatbot speaks its reply)
+#
+# After 2b the trained chat model answers training clips greedily; the frozen LLM's state
+# before each reply token is cached once; each reply is rendered by eSpeak in the style the
+# user's emotion calls for (`data.reply_speech`) and encoded by the demo's unit codec
+# (`models.unit_codec`, fitted here on those renders); the trainer's stage 3a then trains the
+# speech decoder on the cached states (it never runs the LLM). The codec is saved beside the
+# stage as `stage_3/unit_decoder/`, where `chat --audio-out` finds it.
+# Measured on the quick recipe (docs/speech_out.md): 60 steps left the spoken replies
+# unintelligible and their pitch unordered; 200 steps gave mean WER 0.68 and the sad < happy
+# pitch and rate ordering beyond the spread across speakers. The full recipe is unmeasured.
+SPEECH_RECIPES = {
+    "full": dict(clips=160, lr=2e-3, batch_size=8, steps=300),
+    "quick": dict(clips=64, lr=2e-3, batch_size=8, steps=200),
+}
+REPLY_TOKENS = 32  # the demo's replies (chat uses max_new_tokens 32)
+MAX_REPLY_UNITS = 600  # 12 s of speech at 50 Hz
+UNIT_TEMPERATURE = 0.3  # below the release's 1.0, for the briefly trained decoder (not tuned)
+
+
+def codec_config():
+    """The demo's unit codec settings: 512 codes over pairs of log-magnitude frames of a
+    1024-point STFT (64 ms windows resolve the harmonics of a low voice, so the units keep
+    the reply's pitch: with 512-point frames every F0 came back near 124 Hz; measured in
+    docs/speech_out.md)."""
+    from freezeempath_jax.models.configs import UnitCodecConfig
+
+    return UnitCodecConfig(codebook_size=512, feature="logmag", n_fft=1024)
+
+
+def speech_stage_config(quick: bool, previous: tuple, data_dir: str, cache_dir: str):
+    """Training config of stage 3a: the 2b model plus the demo speech decoder, records
+    passed in memory (`train_speech_stage`)."""
+    from freezeempath_jax.models import presets
+    from freezeempath_jax.models.configs import to_dict
+
+    r = dict(SPEECH_RECIPES["quick" if quick else "full"])
+    c = demo_config("2b", quick=quick, data_dir=data_dir, previous=previous,
+                    cache_dir=cache_dir)
+    c.model.speech_decoder = to_dict(presets.demo_speech_decoder(
+        codec_config().codebook_size, MAX_REPLY_UNITS))
+    c.recipes["3a"] = dict(lr=r["lr"], batch_size=r["batch_size"], steps=r["steps"])
+    c.stage = "3a"
+    c.data.kind = "memory"
+    c.data.target_len = REPLY_TOKENS + 1
+    c.data.units_len = MAX_REPLY_UNITS
+    c.train.eval_batches = 1
+    return c
+
+
+def _stratified(records: List[dict], n: int) -> List[dict]:
+    """The first n records taking the emotions in turn."""
+    by: Dict[str, List[dict]] = {}
+    for r in records:
+        by.setdefault(r.get("emotion", "?"), []).append(r)
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)]
+        i += 1
+    return out[:n]
+
+
+def train_speech_stage(workdir: str, quick: bool = False) -> dict:
+    """Stage 3 in `workdir/stage_3` (skipped when finished there). Returns its metrics and
+    costs: seconds to cache replies and states, to render and fit/encode, to train."""
+    from freezeempath_jax.audio import load_audio
+    from freezeempath_jax.checkpoints.unit_decoder import save_unit_codec
+    from freezeempath_jax.data.manifests import read_manifest
+    from freezeempath_jax.inference.loading import load_chat_model
+    from freezeempath_jax.train import trainer
+    from freezeempath_jax.train.speech_targets import stage3_records
+
+    data_dir = os.path.join(workdir, "data")
+    previous = tuple(os.path.join(workdir, f"stage_{s}") for s in STAGES)
+    cfg = speech_stage_config(quick, previous, data_dir, os.path.join(workdir, "cache"))
+    stage_dir = os.path.join(workdir, "stage_3")
+    steps = int(cfg.recipes["3a"]["steps"])
+    cached = _stage_done(stage_dir, steps)
+    if cached is not None and os.path.isdir(os.path.join(stage_dir, "unit_decoder")):
+        log.info("stage 3 already trained in %s: reusing it", stage_dir)
+        return dict(cached)
+    print(f"[demo] stage 3: replies, emotional TTS, unit codec, speech decoder ({steps} "
+          "steps)", flush=True)
+    n = SPEECH_RECIPES["quick" if quick else "full"]["clips"]
+    train = _stratified(read_manifest(os.path.join(data_dir, "train.jsonl")), n)
+    evals = _stratified(read_manifest(os.path.join(data_dir, "validation.jsonl")), 8)
+    tic = time.perf_counter()
+    bot = load_chat_model(os.path.join(workdir, "stage_2b"))
+    recs = train + evals
+    clips = [load_audio(r["audio"]) for r in recs]
+    cost = {}
+    codec = codec_config()
+    kept_train, (codec, codec_params), _ = stage3_records(
+        bot, train, clips[:len(train)], max_new_tokens=REPLY_TOKENS, codec_config=codec,
+        max_units=MAX_REPLY_UNITS)
+    kept_eval, _, _ = stage3_records(bot, evals, clips[len(train):],
+                                     max_new_tokens=REPLY_TOKENS, codec_config=codec,
+                                     codec_params=codec_params, max_units=MAX_REPLY_UNITS)
+    cost["targets_seconds"] = round(time.perf_counter() - tic, 1)
+    del bot
+    os.makedirs(stage_dir, exist_ok=True)
+    save_unit_codec(os.path.join(stage_dir, "unit_decoder"), codec, codec_params)
+    # static shapes: pad units to the longest reply here (rounded), not to the cap
+    longest = max(len(r["units"]) for r in kept_train + kept_eval)
+    cfg.data.units_len = int(min(MAX_REPLY_UNITS, -(-longest // 32) * 32))
+    tic = time.perf_counter()
+    result = trainer.train(cfg, stage_dir, train_records=kept_train, eval_records=kept_eval)
+    cost["train_seconds"] = round(time.perf_counter() - tic, 1)
+    cost["num_records"] = len(kept_train)
+    cost["mean_units"] = float(np.mean([len(r["units"]) for r in kept_train]))
+    with open(os.path.join(stage_dir, "stage3_cost.json"), "w") as f:
+        json.dump(cost, f, indent=1)
+    return dict(result, **cost)
+
+
+def _speech_plot(path: Path, stats: Dict[str, dict], reference: Dict[str, dict], emotions):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = (("f0_hz", "median F0 (Hz)"), ("loudness_db", "loudness (dBFS)"),
+              ("rate_wps", "speaking rate (words/s)"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    x = np.arange(len(emotions))
+    for ax, (f, title) in zip(axes, fields):
+        ax.bar(x - 0.2, [stats.get(e, {}).get(f, np.nan) for e in emotions], 0.4,
+               label="spoken reply (speech decoder)")
+        ax.bar(x + 0.2, [reference.get(e, {}).get(f, np.nan) for e in emotions], 0.4,
+               label="eSpeak target style")
+        ax.set_xticks(x, emotions, rotation=30)
+        ax.set_title(title)
+        ax.set_xlabel("user's emotion")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def speech_report(workdir: str, report: Path, quick: bool = False,
+                  num_questions: Optional[int] = None) -> dict:
+    """Spoken replies to held-out questions (never heard in training), each spoken in every
+    emotion by one of the corpus voices: intelligibility (ASR of the spoken reply with the
+    project's Whisper tiny.en vs the text reply: WER), expressiveness (median F0, loudness,
+    speaking rate per user emotion, with the eSpeak target style measured the same way; the
+    spread across the speakers who asked), time to first audio when streaming, a plot
+    (report/speech.png) and a few WAVs (report/speech/)."""
+    import soundfile as sf
+
+    from freezeempath_jax.checkpoints.unit_decoder import load_unit_codec
+    from freezeempath_jax.data import synthetic
+    from freezeempath_jax.data.reply_speech import render_reply
+    from freezeempath_jax.evaluation.speech_out import (group_stats, normalize_words, prosody,
+                                                        word_error_rate)
+    from freezeempath_jax.inference.loading import load_chat_model
+    from freezeempath_jax.inference.transcribe import WhisperASR
+    from freezeempath_jax.models.configs import EMOTIONS
+    from freezeempath_jax.real_models import whisper_tiny_en_ct2
+
+    emotions = list(EMOTIONS)
+    stage_dir = os.path.join(workdir, "stage_3")
+    codec = load_unit_codec(os.path.join(stage_dir, "unit_decoder"))
+    bot = load_chat_model(stage_dir, unit_decoder=codec, unit_temperature=UNIT_TEMPERATURE)
+    pool = synthetic.grammar_questions(held_out=True)
+    n_q = num_questions or (4 if quick else 8)
+    picks = np.random.default_rng(23).choice(len(pool), size=min(n_q, len(pool)), replace=False)
+    voices = synthetic.VOICES["en"]
+    rows = []
+    tic = time.perf_counter()
+    for n, k in enumerate(picks):
+        question = pool[int(k)][0]
+        voice = voices[n % len(voices)]
+        clips = [synthetic.synthesize(question, e, voice=voice, seed=int(k) * 5 + i)
+                 for i, e in enumerate(emotions)]
+        replies = bot.respond(clips, max_new_tokens=REPLY_TOKENS, temperature=0.0, seed=0)
+        for e, r in zip(emotions, replies):
+            rows.append({"question": question, "voice": voice, "emotion": e,
+                         "predicted_emotion": r.emotion, "reply": r.text,
+                         "num_units": len(r.units or []), "audio": r.audio,
+                         "audio_error": r.audio_error})
+    t_respond = time.perf_counter() - tic
+    spoken = [r for r in rows if r["audio"] is not None and len(r["audio"])]
+    asr = WhisperASR.load(whisper_tiny_en_ct2(), batch_size=8, max_new_tokens=96)
+    refs = [render_reply(r["reply"], r["emotion"]) for r in spoken]
+    for r, hyp, ref_hyp, ref in zip(spoken, asr.transcribe([r["audio"] for r in spoken]),
+                                    asr.transcribe(refs), refs):
+        words = len(normalize_words(r["reply"]))
+        r.update(asr=hyp, wer=word_error_rate(r["reply"], hyp),
+                 target_wer=word_error_rate(r["reply"], ref_hyp), **prosody(r["audio"], words))
+        r["target"] = prosody(ref, words)
+    stats = group_stats(spoken, "emotion")
+    reference = group_stats([dict(r["target"], emotion=r["emotion"]) for r in spoken],
+                            "emotion")
+    # spread across speakers: per emotion, the std of the per-voice medians
+    spread = {}
+    for f in ("f0_hz", "rate_wps"):
+        per = []
+        for e in emotions:
+            by_voice = group_stats([r for r in spoken if r["emotion"] == e], "voice", (f,))
+            vals = [v[f] for v in by_voice.values() if np.isfinite(v[f])]
+            per.append(float(np.std(vals)) if len(vals) > 1 else 0.0)
+        spread[f] = max(per)
+    # time to first audio: one held-out clip streamed (second call: compiled)
+    clip = synthetic.synthesize(pool[int(picks[0])][0], "sad", voice=voices[0], seed=1)
+    ttfa = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        first = None
+        chunks = 0
+        for kind, _ in bot.stream_reply(clip, max_new_tokens=REPLY_TOKENS, temperature=0.0,
+                                        seed=0):
+            if kind == "audio":
+                chunks += 1
+                first = first or time.perf_counter() - t0
+        ttfa.append({"first_audio_s": first, "total_s": time.perf_counter() - t0,
+                     "chunks": chunks})
+    out_dir = report / "speech"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wavs = []
+    for r in [r for r in spoken if r["question"] == spoken[0]["question"]]:
+        p = out_dir / f"reply_to_{r['emotion']}.wav"
+        sf.write(p, np.clip(r["audio"], -1, 1), codec[0].sampling_rate, subtype="PCM_16")
+        wavs.append(str(p.relative_to(report)))
+    _speech_plot(report / "speech.png", stats, reference, emotions)
+    wer = [r["wer"] for r in spoken]
+    result = {
+        "num_replies": len(rows), "num_spoken": len(spoken),
+        "audio_errors": [r["audio_error"] for r in rows if r["audio_error"]],
+        "wer_mean": float(np.mean(wer)) if wer else None,
+        "wer_median": float(np.median(wer)) if wer else None,
+        "target_wer_mean": float(np.mean([r["target_wer"] for r in spoken])) if spoken else None,
+        "per_emotion": stats, "target_per_emotion": reference, "speaker_spread_std": spread,
+        "sad_vs_happy": {f: stats.get("happy", {}).get(f, np.nan) -
+                         stats.get("sad", {}).get(f, np.nan) for f in ("f0_hz", "rate_wps")},
+        "time_to_first_audio": ttfa, "respond_seconds": round(t_respond, 1), "wavs": wavs,
+        "rows": [{k: v for k, v in r.items() if k not in ("audio", "target")} for r in rows],
+    }
+    (report / "speech.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def speech_lines(spoken: dict) -> List[str]:
+    """The replies.md section of `speech_report`."""
+    def f(x, fmt="{:.1f}"):
+        return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
+
+    t = spoken["time_to_first_audio"][-1]
+    lines = ["", "## Spoken replies (stage 3: speech decoder -> demo unit codec)", "",
+             f"{spoken['num_spoken']} of {spoken['num_replies']} replies spoken. "
+             f"Intelligibility (Whisper tiny.en ASR of the spoken reply vs its text): mean WER "
+             f"{f(spoken['wer_mean'], '{:.3f}')} (median {f(spoken['wer_median'], '{:.3f}')}; "
+             f"the eSpeak target renders: {f(spoken['target_wer_mean'], '{:.3f}')}). Time to "
+             f"first audio (streamed, compiled): {f(t['first_audio_s'], '{:.2f}')} s of "
+             f"{f(t['total_s'], '{:.2f}')} s for the whole reply ({t['chunks']} chunks).", "",
+             "| user's emotion | F0 (Hz) | loudness (dBFS) | rate (words/s) | target F0 | "
+             "target rate |", "|---|---|---|---|---|---|"]
+    for e, v in spoken["per_emotion"].items():
+        r = spoken["target_per_emotion"].get(e, {})
+        lines.append(f"| {e} | {f(v['f0_hz'])} | {f(v['loudness_db'])} | "
+                     f"{f(v['rate_wps'], '{:.2f}')} | {f(r.get('f0_hz'))} | "
+                     f"{f(r.get('rate_wps'), '{:.2f}')} |")
+    sp = spoken["speaker_spread_std"]
+    d = spoken["sad_vs_happy"]
+    lines += ["", f"Happy minus sad: F0 {f(d['f0_hz'])} Hz (largest std across speakers "
+              f"within an emotion {f(sp['f0_hz'])} Hz), rate {f(d['rate_wps'], '{:.2f}')} "
+              f"words/s (spread {f(sp['rate_wps'], '{:.2f}')}). Plot: speech.png; WAVs: "
+              + ", ".join(f"`{w}`" for w in spoken["wavs"]) + ".", ""]
+    return lines

@@ -239,3 +239,48 @@ def test_chat_speaks_replies_to_wav_files(model, shared_audio_dir, tmp_path):
     with pytest.raises(ChatUsageError, match="--audio-out needs a units-to-waveform decoder"):
         chat.run_chat(model, str(manifest), str(tmp_path / "x.jsonl"), progress=False,
                       audio_out=str(tmp_path / "w2"))
+
+
+def test_chat_speaks_with_the_demo_codec_and_streams(model, shared_audio_dir, tmp_path):
+    """The demo's unit codec behind the same interface: `--unit-decoder` takes its saved
+    folder, WAVs are 16 kHz and byte-identical for the same seed; `ChatModel(unit_decoder=)`
+    returns the audio in the Reply, and `stream_reply` yields audio chunks that together
+    speak the same units."""
+    from freezeempath_jax.checkpoints.unit_decoder import save_unit_codec
+    from freezeempath_jax.inference.chat import ChatModel
+    from freezeempath_jax.models import unit_codec
+    from freezeempath_jax.models.configs import UnitCodecConfig
+
+    ccfg = UnitCodecConfig(codebook_size=CFG.speech_decoder.unit_vocab_size,
+                           griffin_lim_iters=4, length_bucket=16)
+    params = unit_codec.init_params(ccfg, jax.random.key(0))
+    folder = save_unit_codec(str(tmp_path / "codec"), ccfg, params)
+    manifest = tmp_path / "q.jsonl"
+    manifest.write_text(json.dumps({"id": "c", "audio": str(shared_audio_dir /
+                                                            "vicuna_2.wav")}) + "\n")
+    got = []
+    for n in range(2):
+        out = tmp_path / f"a{n}.jsonl"
+        assert chat.run_chat(model, str(manifest), str(out), max_new_tokens=6, batch_size=1,
+                             progress=False, audio_out=str(tmp_path / f"w{n}"),
+                             unit_decoder=folder) == 0
+        row = json.loads(out.read_text())
+        audio, rate = sf.read(row["prediction_audio"])
+        assert rate == 16000 and len(audio) == 320 * len(row["prediction_units"].split())
+        got.append(open(row["prediction_audio"], "rb").read())
+    assert got[0] == got[1]
+
+    voiced = ChatModel(model.config, model.params, model.codec, chat_template="plain",
+                       audio_seconds=model.audio_seconds, max_units=8,
+                       unit_decoder=(ccfg, params))
+    from freezeempath_jax.audio import load_audio
+    clip = load_audio(str(shared_audio_dir / "vicuna_2.wav"))
+    reply = voiced.respond([clip], max_new_tokens=6, temperature=0.0, seed=0)[0]
+    assert reply.sampling_rate == 16000 and len(reply.audio) == 320 * len(reply.units)
+    events = list(voiced.stream_reply(clip, max_new_tokens=6, temperature=0.0, seed=0,
+                                      chunk_units=4))
+    chunks = [a for kind, a in events if kind == "audio"]
+    text = [t for kind, ids in events if kind == "text" for t in ids]
+    assert text == reply.text_ids
+    assert sum(len(c) for c in chunks) == len(reply.audio)
+    assert all(len(c) == 4 * 320 for c in chunks[:-1])

@@ -23,7 +23,7 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 KINDS = {"whisper": C.WhisperConfig, "llm": C.LMConfig, "freezeempath": C.FreezeEmpathConfig,
-         "unit_decoder": C.UnitDecoderConfig}
+         "unit_decoder": C.UnitDecoderConfig, "unit_codec": C.UnitCodecConfig}
 
 
 def save_config(directory: str, config, kind: Optional[str] = None, *,

@@ -210,11 +210,15 @@ def _net(obj, path: str):
 
 def load_unit_decoder(folder, dtype=jnp.float32) -> Tuple[C.UnitDecoderConfig, Dict]:
     """`(UnitDecoderConfig, params)` of the release's decoder folder or of a directory that
-    `convert --kind unit_decoder` wrote. See the module docstring for the layout."""
+    `convert --kind unit_decoder` wrote (see the module docstring for the layout), or
+    `(UnitCodecConfig, params)` of a folder `save_unit_codec` wrote."""
     import yaml  # only the release folder needs it
 
     folder = os.fspath(folder)
-    if formats.converted_kind(folder) is not None:
+    kind = formats.converted_kind(folder)
+    if kind == "unit_codec":  # the demo's own codec (`models.unit_codec`)
+        return load_unit_codec(folder)
+    if kind is not None:
         return _load_converted(folder, dtype)
     missing = [Problem("file", file=os.path.join(folder, f), detail="file not found")
                for f in FILES if not os.path.isfile(os.path.join(folder, f))]
@@ -288,3 +292,37 @@ def _load_converted(folder: str, dtype):
     from freezeempath_jax.checkpoints.assemble import unflatten
 
     return cfg, unflatten({k: jnp.asarray(v, dtype) for k, v in got.items()})
+
+
+def save_unit_codec(folder, config: C.UnitCodecConfig, params, overwrite: bool = True) -> str:
+    """Writes the demo's unit codec (`models.unit_codec`) in our format (orbax params +
+    config.json of kind "unit_codec"); `load_unit_decoder` / `load_unit_codec` read it."""
+    return orbax_io.save_params(os.fspath(folder), {k: np.asarray(v) for k, v in
+                                                    params.items()},
+                                config=config, kind="unit_codec", overwrite=overwrite)
+
+
+def load_unit_codec(folder) -> Tuple[C.UnitCodecConfig, Dict]:
+    """(UnitCodecConfig, params) of a folder `save_unit_codec` wrote; CheckpointError naming
+    every missing, unexpected or mis-shaped parameter."""
+    from freezeempath_jax.models import unit_codec
+
+    folder = os.fspath(folder)
+    kind, cfg = formats.load_config(folder)
+    if kind != "unit_codec":
+        raise CheckpointError(folder, [Problem("architecture", key="kind",
+                                               expected="unit_codec", actual=kind)])
+    want = flatten(jax.eval_shape(lambda: unit_codec.init_params(cfg, jax.random.key(0))),
+                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    got = flatten(orbax_io.restore_params(folder),
+                  is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    problems = [Problem("missing", key=k, file=folder) for k in want if k not in got]
+    problems += [Problem("unexpected", key=k, file=folder) for k in got if k not in want]
+    problems += [Problem("shape", key=k, expected=tuple(want[k].shape),
+                         actual=tuple(got[k].shape), file=folder)
+                 for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    if problems:
+        raise CheckpointError(folder, problems)
+    from freezeempath_jax.checkpoints.assemble import unflatten
+
+    return cfg, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in got.items()})

@@ -42,7 +42,8 @@ from freezeempath_jax import sharding as sharding_lib
 from freezeempath_jax.audio import log_mel_spectrogram
 from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params
 from freezeempath_jax.inference import sampling as sampling_lib
-from freezeempath_jax.inference.speech_generation import generate_speech
+from freezeempath_jax.inference.speech_generation import generate_speech, stream_speech
+from freezeempath_jax.inference.voice import Voice
 from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
 from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures
 from freezeempath_jax.text.padding import left_pad, round_up
@@ -93,6 +94,9 @@ class Reply:
     cues: Dict[str, str] = dataclasses.field(default_factory=dict)
     analysis: Optional[str] = None  # dual thinking: the analysis that opened the turn
     analysis_ids: List[int] = dataclasses.field(default_factory=list)
+    audio: Optional[np.ndarray] = None  # spoken reply (float32) when the model has a voice
+    sampling_rate: Optional[int] = None  # of `audio`
+    audio_error: Optional[str] = None  # why the units could not be spoken (this row only)
 
 
 @dataclasses.dataclass
@@ -153,7 +157,8 @@ class ChatModel:
                  chat_template: str = "qwen", audio_seconds: float = MAX_SECONDS,
                  history: str = "embeddings", max_context: Optional[int] = None,
                  max_units: Optional[int] = None, prompt_bucket: int = 32,
-                 dual_thinking: bool = False, mesh=None, rules=None):
+                 dual_thinking: bool = False, mesh=None, rules=None,
+                 unit_decoder=None, unit_temperature: float = 1.0):
         if history not in ("embeddings", "text"):
             raise ValueError(f"history must be 'embeddings' or 'text', got {history!r}")
         frames = int(round(audio_seconds * 100))  # 10 ms hop
@@ -176,6 +181,8 @@ class ChatModel:
         self.max_units = max_units
         self.prompt_bucket = int(prompt_bucket)
         self.dual_thinking = bool(dual_thinking)
+        self.voice = None if unit_decoder is None else Voice(unit_decoder)
+        self.unit_temperature = float(unit_temperature)
         model = FreezeEmpath(config)
         self._encode = jax.jit(lambda p, mel: model.apply(
             {"params": p}, mel, method=FreezeEmpath.encode_features))
@@ -322,7 +329,8 @@ class ChatModel:
         if speech and c.speech_decoder is not None:
             out = generate_speech(c.llm, self.params["llm"], c.speech_decoder,
                                   self.params["speech_decoder"], embeds, prompts.mask,
-                                  max_units=self.max_units, **gen)
+                                  max_units=self.max_units,
+                                  unit_temperature=self.unit_temperature, **gen)
             return out.text_ids(), out.unit_ids()
         out = sampling_lib.generate_from_embeds(c.llm, self.params["llm"], embeds, prompts.mask,
                                                 keep_hidden=False, **gen)
@@ -358,6 +366,8 @@ class ChatModel:
                                         temperature=temperature, top_k=top_k, top_p=top_p,
                                         seed=seed)
         replies = self._replies(enc, text_ids, units, prompts, b)
+        if self.voice is not None and speech and units is not None:
+            self._speak(replies, seed)
         if conversations is not None:
             self._remember(conversations, transcripts, enc, replies)
         return replies
@@ -379,6 +389,52 @@ class ChatModel:
                       else list(prompts.analysis_ids[i]))
                 for i in range(b)]
 
+    def _speak(self, replies: List[Reply], seed):
+        """Decodes each reply's units with the model's voice (seed: an int, else 0); units it
+        cannot speak leave that reply's `audio_error` set and the others spoken."""
+        s = int(seed) if isinstance(seed, (int, np.integer)) else 0
+        for r in replies:
+            try:
+                r.audio = self.voice.decode(r.units, seed=s)
+                r.sampling_rate = self.voice.sampling_rate
+            except ValueError as e:
+                r.audio_error = str(e)
+
+    def stream_reply(self, audio, *, max_new_tokens: int = 256, temperature: float = 0.7,
+                     top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 42,
+                     chunk_units: int = 25):
+        """Answers one clip (no history) and yields events as the reply is generated:
+        `("text", new text ids)` after every round of the (N, M) loop, and
+        `("audio", float32 chunk)` as soon as `chunk_units` new units are at hand (the last
+        chunk holds what is left), so playback starts before the reply is complete. Needs
+        a speech decoder and a voice (`unit_decoder=`)."""
+        c = self.config
+        if c.speech_decoder is None or self.voice is None:
+            raise ValueError("stream_reply needs a model with a speech decoder and a "
+                             "unit_decoder (voice)")
+        enc = self.encode([audio], 1)
+        prompts = self.build_prompts(enc, None, 1, max_new_tokens)
+        embeds = self._embed(self.params, jnp.asarray(prompts.ids), jnp.asarray(prompts.speech),
+                             jnp.asarray(prompts.emotion))
+        rounds = stream_speech(
+            c.llm, self.params["llm"], c.speech_decoder, self.params["speech_decoder"], embeds,
+            prompts.mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, eos_token_id=self.codec.eos_ids,
+            pad_token_id=self.codec.pad_id, unit_temperature=self.unit_temperature,
+            max_units=self.max_units)
+        buf: List[int] = []
+        k = 0
+        for text_delta, unit_delta in rounds:
+            if text_delta[0]:
+                yield "text", list(text_delta[0])
+            buf.extend(int(u) for u in unit_delta[0])
+            while len(buf) >= chunk_units:
+                chunk, buf = buf[:chunk_units], buf[chunk_units:]
+                yield "audio", self.voice._chunk(chunk, int(seed), k)
+                k += 1
+        if buf:
+            yield "audio", self.voice._chunk(buf, int(seed), k)
+
     def _remember(self, conversations, transcripts, enc: EncodedTurn, replies: List[Reply]):
         """Appends each answered turn to its conversation (after dropping what did not fit)."""
         keep_emb = self.history == "embeddings"
@@ -394,7 +450,9 @@ class ChatModel:
 
 
 class Chatbot:
-    """One running conversation: `bot(audio) -> Reply`, remembering earlier turns."""
+    """One running conversation: `bot(audio) -> Reply`, remembering earlier turns. With a
+    model that has a speech decoder and a voice (`ChatModel(..., unit_decoder=...)`) the
+    Reply carries the spoken reply (`audio`, `sampling_rate`)."""
 
     def __init__(self, model: ChatModel, **generation):
         self.model = model

@@ -26,7 +26,7 @@ from freezeempath_jax.audio import load_audio
 from freezeempath_jax.checkpoints.unit_decoder import load_unit_decoder
 from freezeempath_jax.inference.chat import MAX_SECONDS, ChatModel
 from freezeempath_jax.inference.loading import load_chat_model
-from freezeempath_jax.models.unit_decoder import decode_units
+from freezeempath_jax.inference.voice import Voice
 
 log = logging.getLogger(__name__)
 
@@ -207,33 +207,23 @@ def _safe_name(qid) -> str:
 
 
 class _Speaker:
-    """Writes each answered item's units as `<dir>/<question_id>.wav` (22,050 Hz)."""
+    """Writes each answered item's units as `<dir>/<question_id>.wav` at the decoder's rate
+    (22,050 Hz for the release's decoder, 16 kHz for the demo's unit codec)."""
 
     def __init__(self, decoder, directory: str, seed: int):
-        self.config, self.params = decoder
+        self.voice = Voice(decoder)
         self.dir, self.seed = directory, int(seed)
         os.makedirs(directory, exist_ok=True)
         self.used: Dict[str, int] = {}
 
     def __call__(self, qid, units) -> str:
         """The written path; ValueError naming the problem for units it cannot speak."""
-        if units is None:
-            raise ValueError("the model has no speech decoder: it produced no units to speak")
-        u = np.asarray(units, np.int64).reshape(-1)
-        if u.size == 0:
-            raise ValueError("the reply has no speech units (empty): nothing to speak")
-        k = self.config.codec.codebook_size
-        bad = u[(u < 0) | (u >= k)]
-        if bad.size:
-            raise ValueError(f"speech units {bad[:5].tolist()} are outside the decoder's "
-                             f"codebook [0, {k})")
-        wav = decode_units(self.config, self.params, [u], seed=self.seed)[0]
+        wav = self.voice.decode(units, seed=self.seed)
         name = _safe_name(qid)
         n = self.used.get(name, 0)
         self.used[name] = n + 1
         path = os.path.join(self.dir, f"{name}.wav" if not n else f"{name}-{n}.wav")
-        sf.write(path, np.clip(wav, -1.0, 1.0), self.config.bigvgan.sampling_rate,
-                 subtype="PCM_16")
+        sf.write(path, np.clip(wav, -1.0, 1.0), self.voice.sampling_rate, subtype="PCM_16")
         return path
 
 
@@ -243,7 +233,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
              max_seconds: float = MAX_SECONDS, progress: bool = True,
              speech: bool = True, init_overrides: Optional[Dict[str, str]] = None,
              audio_out: Optional[str] = None, unit_decoder=None,
-             dual_thinking: Optional[bool] = None, mesh=None) -> int:
+             dual_thinking: Optional[bool] = None, mesh=None,
+             unit_temperature: Optional[float] = None) -> int:
     """Answers every item of `input_path` (one audio file or a JSONL manifest) into
     `output_path` (JSONL, one line per item, flushed as written). Returns the number of
     items that failed.
@@ -269,6 +260,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     default (the checkpoint's `data.dual_thinking`). Lines of a model with paralinguistic
     heads also get `paralinguistic` ({"gender": "female", ...}).
     mesh: run sharded (a Mesh, a shape or "DATAxFSDPxTENSOR"; see `load_chat_model`).
+    unit_temperature: speech-unit sampling temperature of a model loaded here (default the
+    release's 1.0); a ChatModel passed in keeps its own.
     """
     items = read_items(input_path)
     check_output(output_path, input_path)
@@ -282,6 +275,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
             chat_model.dual_thinking = bool(dual_thinking)
     else:
         extra = {} if dual_thinking is None else {"dual_thinking": bool(dual_thinking)}
+        if unit_temperature is not None:
+            extra["unit_temperature"] = unit_temperature
         chat_model = load_chat_model(model_path_or_config, init_overrides=init_overrides,
                                      mesh=mesh,
                                      **extra)

@@ -35,3 +35,9 @@ from freezeempath_jax.models.configs import (BigVGANConfig, DiTConfig,  # noqa: 
 __all__ += ["BigVGAN", "DiT", "LengthRegulator", "SemanticCodebook", "decode_units",
             "stream_units", "BigVGANConfig", "DiTConfig", "LengthRegulatorConfig",
             "SemanticCodecConfig", "UnitDecoderConfig"]
+
+# the CPU demo's own unit codec (speech <-> 50 Hz units, fitted on its corpus)
+from freezeempath_jax.models.configs import UnitCodecConfig  # noqa: E402
+from freezeempath_jax.models.unit_codec import UnitCodec  # noqa: E402
+
+__all__ += ["UnitCodec", "UnitCodecConfig"]

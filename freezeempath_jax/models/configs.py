@@ -384,6 +384,28 @@ class DiTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnitCodecConfig:
+    """The demo's own unit codec (`models.unit_codec`): speech <-> discrete units at 50 Hz.
+
+    Analysis: STFT (`n_fft`, `hop` samples, periodic Hann) of 16 kHz audio; `frames_per_unit`
+    consecutive frames make one unit (hop 160 x 2 = 20 ms: 50 Hz). Units are nearest
+    codewords (k-means, `codebook_size`) of the log-magnitude frames (`feature` "logmag",
+    all n_fft/2+1 bins) or of log-mel frames ("mel", `n_mels` Slaney bands). Synthesis: each
+    unit's fitted log-magnitude frames -> Griffin-Lim (`griffin_lim_iters`) -> waveform."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 512
+    hop: int = 160
+    frames_per_unit: int = 2
+    codebook_size: int = 512
+    feature: str = "logmag"  # "logmag" | "mel"
+    n_mels: int = 80
+    griffin_lim_iters: int = 32
+    floor: float = 1e-5  # log(magnitude + floor)
+    length_bucket: int = 64  # unit lengths are padded up to a multiple of this under jit
+
+
+@dataclasses.dataclass(frozen=True)
 class UnitDecoderConfig:
     """Units -> 22,050 Hz waveform: codebook lookup, length regulator, CFM with the DiT,
     BigVGAN, and the release's decoding constants."""

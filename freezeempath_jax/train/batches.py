@@ -401,6 +401,33 @@ class BatchBuilder:
         out = {"reply_start": np.full((b,), len(self.prompt), np.int32),
                "text_ids": text_ids, "unit_ids": unit_ids}
         out.update(streaming.layout_to_batch(layout))
+        hidden = self._cached_hidden(records, text_lengths)
+        if hidden is not None:
+            out["llm_hidden_prev"] = hidden
+        return out
+
+    def _cached_hidden(self, records, text_lengths) -> Optional[np.ndarray]:
+        """[B, target_len, H] frozen-LLM states h_{t-1} of each reply token, when every
+        record carries them (`llm_hidden_prev`, cached once): stage 3 then never runs the
+        LLM. None when no record has them; ValueError when only some do."""
+        real = [r for r in records if r is not None]
+        have = [r.get("llm_hidden_prev") is not None for r in real]
+        if not any(have):
+            return None
+        if not all(have):
+            missing = [r.get("id", "?") for r in real if r.get("llm_hidden_prev") is None]
+            raise ValueError(f"records {missing[:5]} lack llm_hidden_prev while others in "
+                             "the batch carry it: cache it for every stage-3 record")
+        width = np.asarray(real[0]["llm_hidden_prev"]).shape[-1]
+        out = np.zeros((len(records), self.target_len, width), np.float32)
+        for i, (rec, n) in enumerate(zip(records, text_lengths)):
+            if rec is None:
+                continue
+            h = np.asarray(rec["llm_hidden_prev"], np.float32)
+            if h.ndim != 2 or h.shape[1] != width or h.shape[0] < n:
+                raise ValueError(f"record {rec.get('id', '?')}: llm_hidden_prev has shape "
+                                 f"{h.shape}, need [>= {n} reply tokens, {width}]")
+            out[i, :n] = h[:n]
         return out
 
     def tokens_per_row(self) -> int:

@@ -164,9 +164,11 @@ def voice_genders(records: List[dict]):
 
 
 def toy_units(records: List[dict], unit_vocab_size: int, tokenizer):
-    """Synthetic stage-3 targets where no unit extractor ran: two units per reply token
-    (a fixed function of the token), so the speech decoder has a learnable mapping.
-    Only for data.kind synthetic / noise; real runs read units from the manifest."""
+    """Toy stage-3 targets for the tiny random test model, where no speech exists: two units
+    per reply token (a fixed function of the token, not of any speech), so the speech decoder
+    has a learnable mapping. Only for data.kind synthetic / noise; real runs read units from
+    the manifest, and the demo's stage 3 encodes emotional TTS renders of each reply with
+    its unit codec (`train.speech_targets`)."""
     for r in records:
         if r.get("units") is None:
             ids = r.get("reply_ids") or tokenizer.encode(r.get("reply", ""))

@@ -1,0 +1,85 @@
+"""Stage 3 on cached LLM states: records that carry `llm_hidden_prev` (the demo's stage-3
+recipe, `train.speech_targets`) train the speech decoder without ever running the LLM. The
+frozen LLM here has NaN weights: one forward pass through it would make the loss NaN and
+stop training."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from freezeempath_jax.train import records, trainer
+from freezeempath_jax.train.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    from freezeempath_jax.inference import load_config_file
+
+    cfg = load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+    with cfg.unlocked():
+        for k, v in overrides.items():
+            node = cfg
+            *path, last = k.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = v
+    return cfg
+
+
+def _nan_llm(path):
+    from freezeempath_jax import checkpoints
+    from freezeempath_jax.models import CausalLM, presets
+
+    lm = presets.TINY.llm
+    p = nn.meta.unbox(CausalLM(lm).init(jax.random.key(1),
+                                        input_ids=jnp.zeros((1, 1), jnp.int32))["params"])
+    p = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), p)
+    checkpoints.save_params(str(path), p, config=lm, kind="llm")
+    return str(path)
+
+
+def _records(n, seed):
+    from freezeempath_jax.models import presets
+
+    c = presets.TINY
+    rng = np.random.default_rng(seed)
+    recs = records.noise_records(n, seed, c.whisper.n_mels, 1.0, c.emotions)
+    for i, r in enumerate(recs):
+        t = 5 + i % 4
+        r["reply_ids"] = rng.integers(10, 300, t).tolist()
+        # units a function of the states: learnable from them alone
+        h = rng.normal(size=(t, c.llm.hidden_size)).astype(np.float32)
+        r["llm_hidden_prev"] = h
+        r["units"] = [int(u) % c.speech_decoder.unit_vocab_size
+                      for u in np.repeat((h[:, 0] > 0) * 7 + 3, 3)]
+    return recs
+
+
+def test_stage3_trains_on_cached_states_without_the_llm(tmp_path):
+    cfg = _config(**{"stage": "3a", "data.kind": "memory", "init.llm": _nan_llm(tmp_path / "llm"),
+                     "train.steps": 30, "train.log_every": 10, "train.eval_batches": 1,
+                     "train.batch_size": 4, "data.target_len": 12, "data.units_len": 32})
+    out = trainer.train(cfg, str(tmp_path / "run"), train_records=_records(16, 0),
+                        eval_records=_records(4, 1))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert out["step"] == 30
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_partly_cached_batches_are_refused():
+    from freezeempath_jax.models import presets
+    from freezeempath_jax.text.tokenizers import make_tokenizer
+    from freezeempath_jax.train.batches import BatchBuilder
+
+    recs = _records(2, 0)
+    del recs[1]["llm_hidden_prev"]
+    b = BatchBuilder(presets.TINY, "3a", "unit_ce", make_tokenizer(presets.TINY, "byte"), 10,
+                     target_len=12, units_len=32)
+    with pytest.raises(ValueError, match="lack llm_hidden_prev"):
+        b(recs)
