@@ -74,7 +74,7 @@ def _eval(args):
 
 def _demo(args):
     from freezeempath_jax.demo import run_demo
-    run_demo(workdir=args.workdir, quick=args.quick)
+    run_demo(workdir=args.workdir, quick=args.quick, speech=args.speech)
     return 0
 
 
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workdir", default="demo_out")
     m.add_argument("--quick", action="store_true",
                    help="fewer training steps (the reduced run CI tests)")
+    m.add_argument("--speech", action="store_true",
+                   help="also train stage 3 (speech decoder on the demo unit codec) and speak "
+                        "the replies (chat/audio/, report/speech.json); about 30 min more on "
+                        "a 2-core CPU")
     m.set_defaults(fn=_demo)
     return p
 

@@ -55,15 +55,18 @@ RECIPES = {
 }
 # "align" is the content-alignment warm-up of the projector: each speech position regresses
 # onto the frozen LLM's embedding of the word eSpeak was speaking there (`align_words`, word
-# timings from eSpeak's own events; no LLM layer runs); "ser" the SER-only warm-up of the
-# emotion extractor. Both cost milliseconds a step. From then on the speech embeddings are
-# snapped to the nearest token embedding (`projector.snap_to_vocab`), so the frozen LLM reads
-# real token embeddings. Measured on held-out grammar questions (stage 1 prompt, 40 clips):
-# replies naming the topic 0.00 with stage 1 alone (CE through the LLM, 30-60 steps), 0.08
-# after `align_words` without snapping, 0.35 with snapping (64 clips per emotion), 0.47 with
-# 256 clips per emotion (held-out position accuracy 0.46 -> 0.89).
-STAGES = ("align", "1", "ser", "2a", "2b")
-CORPUS = {"full": 256, "quick": 128}  # clips per emotion (half of them questions)
+# timings from eSpeak's own events; no LLM layer runs; `demo_config("align")` builds it);
+# "ser" the SER-only warm-up of the emotion extractor. Both cost milliseconds a step.
+# The default recipe does not use "align" yet. Measured on held-out grammar questions (stage
+# 1 prompt alone, 40 clips, replies naming the topic): 0.00 after stage 1 alone (CE through
+# the LLM), 0.08 after `align_words`, 0.35 with the speech embeddings snapped to the nearest
+# token embedding (`projector.snap_to_vocab`; 64 clips per emotion) and 0.47 with 256 clips
+# per emotion (held-out position accuracy 0.46 -> 0.89). But the whole recipe on snapped
+# speech (align 800 steps, 256 clips per emotion, then 1 / ser / 2a / 2b as below) answered
+# with fragments of the user template ("(with a 2019-2020 emotional tone)") and named the
+# topic in 5% of held-out replies, so the demo keeps the recipe below (README, issue 13).
+STAGES = ("1", "ser", "2a", "2b")
+CORPUS = {"full": 64, "quick": 64}  # clips per emotion
 # The paper weighs the SER-head CE 0.8 over 110K clips x 3 epochs; with ~100 steps the demo
 # gives it more weight (3.0) so the head settles before the CE through the LLM does.
 SER_WEIGHT = 3.0
@@ -94,11 +97,10 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     if stage == "align":  # stage 1's trainable table (the projector), word-timed alignment
         stage, recipes["1"] = "1", dict(RECIPES[size]["align"], objective="align_words")
     # Projector k=10: 4 s clips -> 200 encoder frames -> 20 speech tokens (the demo's own,
-    # freshly trained projector; the release uses k=5 on 30 s inputs), snapped to the LLM's
-    # token embeddings (see RECIPES).
+    # freshly trained projector; the release uses k=5 on 30 s inputs).
     model = dataclasses.replace(
         presets.DEMO_SMALL,
-        projector=dataclasses.replace(presets.DEMO_SMALL.projector, k=10, snap_to_vocab=True),
+        projector=dataclasses.replace(presets.DEMO_SMALL.projector, k=10),
         whisper=dataclasses.replace(presets.DEMO_SMALL.whisper, allow_short_inputs=True),
         system_prompt=DEMO_SYSTEM_PROMPT)
     c = defaults.base_config(model, recipes, stage=stage)
@@ -347,9 +349,11 @@ def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
     plt.close(fig)
 
 
-def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
+def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = False) -> dict:
     """Runs the demo (see the module docstring); returns the metrics written to
-    `workdir/report/metrics.json`."""
+    `workdir/report/metrics.json`. `speech` adds stage 3 (speech decoder on the demo unit
+    codec), spoken chat replies in chat/audio/ and the speech report; it is off by default
+    because stage 3 does not fit the demo's 15 minutes on a 2-core CPU yet (issue 14)."""
     from freezeempath_jax.inference.cli import run_chat
     from freezeempath_jax.inference.loading import load_chat_model
     from freezeempath_jax.data.manifests import read_manifest
@@ -366,7 +370,8 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
     emotions = list(EMOTIONS)
 
     stages = train_stages(workdir, quick=quick)
-    stages["3"] = train_speech_stage(workdir, quick=quick)
+    if speech:
+        stages["3"] = train_speech_stage(workdir, quick=quick)
     t_train = time.perf_counter() - tic
     final_dir = os.path.join(workdir, "stage_2b")
     print("[demo] evaluating", flush=True)
@@ -388,10 +393,13 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
         for r in held_out[:5]:
             f.write(json.dumps({"id": r["id"], "audio": r["audio"]}) + "\n")
     # the stage-3 model speaks: one WAV per answered item in chat/audio/
-    voice_bot = load_chat_model(os.path.join(workdir, "stage_3"),
-                                unit_temperature=UNIT_TEMPERATURE)
-    speech_kw = dict(audio_out=str(chat_dir / "audio"),
-                     unit_decoder=os.path.join(workdir, "stage_3", "unit_decoder"))
+    if speech:
+        voice_bot = load_chat_model(os.path.join(workdir, "stage_3"),
+                                    unit_temperature=UNIT_TEMPERATURE)
+        speech_kw = dict(audio_out=str(chat_dir / "audio"),
+                         unit_decoder=os.path.join(workdir, "stage_3", "unit_decoder"))
+    else:
+        voice_bot, speech_kw = bot, {}
     failures = run_chat(voice_bot, str(manifest), str(chat_dir / "held_out_answers.jsonl"),
                         max_new_tokens=32, batch_size=5, **speech_kw)
     shared = shared_audio_dir()
@@ -402,8 +410,10 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
                 f.write(json.dumps({"id": p.stem, "audio": str(p)}) + "\n")
         failures += run_chat(voice_bot, str(man), str(chat_dir / "shared_audio_answers.jsonl"),
                              max_new_tokens=32, batch_size=5, **speech_kw)
-    print("[demo] speech report", flush=True)
-    spoken = speech_report(workdir, report, quick=quick)
+    spoken = None
+    if speech:
+        print("[demo] speech report", flush=True)
+        spoken = speech_report(workdir, report, quick=quick)
 
     replies = [p["reply"] for p in pairs] + [r["reply"] for r in unseen["rows"]] + [
         r for name in ("held_out_answers", "shared_audio_answers")
@@ -424,7 +434,8 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
         "chat_failures": failures, "train_seconds": round(t_train, 1),
         "total_seconds": round(time.perf_counter() - tic, 1), "quick": quick,
     }
-    metrics["speech"] = {k: v for k, v in spoken.items() if k != "rows"}
+    if spoken is not None:
+        metrics["speech"] = {k: v for k, v in spoken.items() if k != "rows"}
     metrics["total_seconds"] = round(time.perf_counter() - tic, 1)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     _plots(report, {s: os.path.join(workdir, f"stage_{s}") for s in stages}, ser["confusion"],
@@ -464,7 +475,8 @@ def run_demo(workdir: str = "demo_out", quick: bool = False) -> dict:
                 said = row.get("prediction", row.get("error"))
                 lines.append(f"- `{Path(row['audio']).name}` "
                              f"({row.get('emotion', {}).get('label', '?')}): {said}")
-    lines += speech_lines(spoken)
+    if spoken is not None:
+        lines += speech_lines(spoken)
     (report / "replies.md").write_text("\n".join(lines) + "\n")
     print(f"[demo] done in {metrics['total_seconds']:.0f} s: held-out SER accuracy "
           f"{ser['ser_accuracy']:.1%}; report in {report}", flush=True)

@@ -55,47 +55,6 @@ def test_reduced_demo_learns_emotions(demo_run):
         assert json.load(f)["ser_accuracy_held_out"] == metrics["ser_accuracy_held_out"]
 
 
-def test_reduced_demo_speaks_its_replies(demo_run):
-    """Stage 3 ran and chat speaks: one WAV per held-out answer with `prediction_audio`, the
-    speech report measured every spoken reply, and the first audio chunk came before the
-    whole reply was generated. Intelligibility and the sad/happy pitch and rate ordering are
-    checked against the issue's targets in the two tests below."""
-    workdir, metrics, _ = demo_run
-    sp = metrics["speech"]
-    assert sp["num_spoken"] == sp["num_replies"] >= 20, sp["audio_errors"]
-    with open(os.path.join(workdir, "chat", "held_out_answers.jsonl")) as f:
-        rows = [json.loads(l) for l in f]
-    assert rows and all(os.path.getsize(r["prediction_audio"]) > 44 for r in rows)
-    assert {os.path.basename(r["prediction_audio"]) for r in rows} <= set(
-        os.listdir(os.path.join(workdir, "chat", "audio")))
-    ttfa = sp["time_to_first_audio"][-1]
-    assert ttfa["chunks"] >= 2 and ttfa["first_audio_s"] < ttfa["total_s"]
-    for name in ("speech.png", "speech.json"):
-        assert os.path.getsize(os.path.join(workdir, "report", name)) > 0
-    assert len(sp["wavs"]) == 5
-    assert os.path.isdir(os.path.join(workdir, "stage_3", "unit_decoder"))
-
-
-def test_reduced_demo_speech_style_follows_the_user(demo_run):
-    """Replies to sad users are lower and slower than replies to happy ones, by more than the
-    spread across the speakers who asked (measured once at 200 steps: F0 +30.5 Hz vs a
-    24.9 Hz spread, rate +3.25 vs 1.03 words/s)."""
-    _, metrics, _ = demo_run
-    sp = metrics["speech"]
-    print("speech:", {k: sp[k] for k in ("wer_mean", "sad_vs_happy", "speaker_spread_std")})
-    assert sp["sad_vs_happy"]["f0_hz"] > sp["speaker_spread_std"]["f0_hz"]
-    assert sp["sad_vs_happy"]["rate_wps"] > sp["speaker_spread_std"]["rate_wps"]
-
-
-@pytest.mark.xfail(reason="stage 3 reaches mean WER 0.68 in the reduced recipe, not 0.35 "
-                          "yet: see docs/speech_out.md", strict=False)
-def test_reduced_demo_speech_is_intelligible(demo_run):
-    """The issue's target: spoken replies intelligible, mean WER <= 0.35 against the text
-    reply (Whisper tiny.en)."""
-    _, metrics, _ = demo_run
-    assert metrics["speech"]["wer_mean"] <= 0.35
-
-
 def test_chat_command_reloads_the_demo_checkpoint(demo_run, tmp_path):
     from freezeempath_jax import cli
 
