@@ -171,6 +171,11 @@ def test_chatbot_keeps_turns(model, shared_audio_dir):
     assert r1.units is None and len(bot.conversation.turns) == 2
     assert bot.conversation.turns[0].reply_ids == r1.text_ids
     assert bot.conversation.turns[1].speech_embeds.shape == (30, CFG.llm.hidden_size)
+    # the embeddings of a turn stay on the device, in the history too (no host round trip)
+    assert isinstance(bot.conversation.turns[1].speech_embeds, jax.Array)
+    assert isinstance(bot.conversation.turns[1].emotion_embedding, jax.Array)
+    enc = model.encode([a], 2)
+    assert isinstance(enc.speech, jax.Array) and isinstance(enc.ser_logits, np.ndarray)
     assert r1.emotion == r2.emotion  # same clip, same SER head
     # The second turn hears the first: its prompt is longer, so generation saw a new shape.
     assert len(model.prompt_ids(bot.conversation.turns[:1], 30, 1)) > len(

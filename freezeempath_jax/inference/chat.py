@@ -69,8 +69,8 @@ class Turn:
     reply: str
     emotion: str
     transcript: Optional[str] = None
-    speech_embeds: Optional[np.ndarray] = None  # [S, H] (history="embeddings")
-    emotion_embedding: Optional[np.ndarray] = None  # [Q, H]
+    speech_embeds: Optional[Any] = None  # [S, H] (history="embeddings"; a device array)
+    emotion_embedding: Optional[Any] = None  # [Q, H]
 
 
 @dataclasses.dataclass
@@ -103,8 +103,8 @@ class Reply:
 class EncodedTurn:
     """The encoder's view of one batch of clips (padded to `width` rows)."""
 
-    speech: np.ndarray  # [W, S, H] speech embeddings
-    emotion: np.ndarray  # [W, Q, H] emotion embeddings
+    speech: jax.Array  # [W, S, H] speech embeddings (on the device)
+    emotion: jax.Array  # [W, Q, H] emotion embeddings (on the device)
     ser_logits: np.ndarray  # [W, C]
     cue_logits: Optional[Dict[str, np.ndarray]] = None  # {"gender": [W, 2], ...}
 
@@ -122,13 +122,12 @@ class Prompts:
     analysis_ids: Optional[List[List[int]]] = None  # its ids, at the end of the prompt
 
 
-def _stack_rows(vals: Sequence[np.ndarray]) -> np.ndarray:
-    """Rows of different lengths -> one zero-padded [W, N, ...] array."""
+def _stack_rows(vals: Sequence[Any]) -> jax.Array:
+    """Rows of different lengths -> one zero-padded [W, N, ...] array, built where the rows
+    live (the device, for embeddings `encode` computed: they never visit the host)."""
     n = max(len(v) for v in vals)
-    out = np.zeros((len(vals), n) + vals[0].shape[1:], vals[0].dtype)
-    for i, v in enumerate(vals):
-        out[i, :len(v)] = v
-    return out
+    return jnp.stack([jnp.pad(jnp.asarray(v), [(0, n - len(v))] + [(0, 0)] * (v.ndim - 1))
+                      for v in vals])
 
 
 class ChatModel:
@@ -209,8 +208,11 @@ class ChatModel:
         mels = [self.mel(a) for a in audios]
         mels += [mels[0]] * (width - len(mels))
         with self.context():
-            f = jax.device_get(self._encode(self.params, jnp.asarray(np.stack(mels))))
-        return EncodedTurn(f.speech_embeds, f.emotion_embedding, f.ser_logits, f.cue_logits)
+            f = self._encode(self.params, jnp.asarray(np.stack(mels)))
+        # The embeddings stay on the device (spliced into the prompt there, kept there in the
+        # history); only the small head outputs come to the host.
+        ser, cues = jax.device_get((f.ser_logits, f.cue_logits))
+        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues)
 
     def cue_labels(self, enc: EncodedTurn) -> List[Dict[str, str]]:
         """Each row's paralinguistic predictions ({"gender": "female", "age": "young"})."""
@@ -302,10 +304,10 @@ class ChatModel:
             ids = ids + thought[i]
             spliced = [t for t in kept if self.history == "embeddings"
                        and t.speech_embeds is not None]
-            values_s.append(np.concatenate([t.speech_embeds for t in spliced]
-                                           + [enc.speech[i]]))
-            values_q.append(np.concatenate([t.emotion_embedding for t in spliced]
-                                           + [enc.emotion[i]]))
+            values_s.append(jnp.concatenate([jnp.asarray(t.speech_embeds) for t in spliced]
+                                            + [enc.speech[i]]))
+            values_q.append(jnp.concatenate([jnp.asarray(t.emotion_embedding)
+                                             for t in spliced] + [enc.emotion[i]]))
             rows.append(ids)
             dropped.append(d)
         ids, mask = left_pad(rows, self.codec.pad_id,

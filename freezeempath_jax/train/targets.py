@@ -19,13 +19,15 @@ import jax
 from freezeempath_jax.inference import sampling
 from freezeempath_jax.models.configs import FreezeEmpathConfig
 from freezeempath_jax.real_models import model_spec
-from freezeempath_jax.text.padding import left_pad
+from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import (ChatFormat, PromptBuilder, PromptRecipe,
                                            dual_thinking_prefix, paralinguistic_analysis)
 from freezeempath_jax.train.features import cache_tag
 from freezeempath_jax.train.step import TrainStep
 
 log = logging.getLogger("freezeempath_jax.train")
+
+PROMPT_BUCKET = 32  # teacher prompts are left-padded to a multiple of this
 
 
 class ReplyDistiller:
@@ -111,7 +113,10 @@ class ReplyDistiller:
                     row = row + self.tok.encode(dual_thinking_prefix(r["analysis"]))
                 rows.append(row)
             rows += [rows[-1]] * (batch - len(rows))  # static batch: repeat the last prompt
-            ids, mask = left_pad(rows, self.tok.pad_id)
+            # widths bucketed: prompts of every length up to a multiple of PROMPT_BUCKET share
+            # one compiled prefill and decode
+            ids, mask = left_pad(rows, self.tok.pad_id,
+                                 round_up(max(len(r) for r in rows), PROMPT_BUCKET))
             with jax.set_mesh(self.ts.mesh):
                 # An explicit mask: the pad id may equal a real token id (SmolLM2: pad = eos).
                 out = sampling.generate_text(
