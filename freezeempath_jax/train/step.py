@@ -452,20 +452,6 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dedup_logical_names(boxed):
-    """Replaces repeated logical names within one parameter by None (a mesh axis can shard
-    only one dimension; e.g. a square conv kernel named (k, audio_embed, audio_embed))."""
-    def one(x):
-        if not isinstance(x, nn.LogicallyPartitioned):
-            return x
-        seen, names = set(), []
-        for n in x.names:
-            names.append(None if n is not None and n in seen else n)
-            seen.add(n)
-        return x.replace(names=tuple(names))
-    return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
 def batch_axes(rules) -> Any:
     """Mesh axes the batch dimension is sharded over (the rule for "activation_batch")."""
     for name, axes in rules:
@@ -555,7 +541,7 @@ def _plan(model_config: FreezeEmpathConfig, cfg: TrainConfig, tx, mesh: Mesh, ru
     if P_.TRAINABLE not in set(jax.tree.leaves(labels)):
         raise ValueError(f"stage {cfg.stage!r}: the table {list(table)} marks no parameter "
                          "of this model trainable")
-    full_sh = sharding.param_shardings(_dedup_logical_names(boxed), mesh, rules)
+    full_sh = sharding.param_shardings(sharding.dedup_logical_names(boxed), mesh, rules)
     full_sh = P_.override_shardings(full_sh, cfg.sharding_overrides, mesh)
     train_sh, frozen_sh = P_.split(full_sh, labels)
     train_abs, frozen_abs = P_.split(full_abstract, labels)
