@@ -307,20 +307,14 @@ def align_words(speech_embeds, embed_table, batch, norm: Optional[Mapping] = Non
     known = jnp.any(eq, axis=-1)
     cls = jnp.where(word, jnp.argmax(eq, axis=-1) + 1, 0)
     ce_mask = m * jnp.logical_or(~word, known).astype(f32)
-    ce = optax_ce(logits, cls)
-    per_pos = mse_weight * err + ce * ce_mask
+    ce_sum = token_ce_sums(logits, cls, ce_mask)["ce_sum"]
     words = (word & known).astype(f32) * m
     hit = (jnp.argmax(logits, axis=-1) == cls).astype(f32)
-    s = {"align_words_sum": jnp.sum(per_pos * m), "align_positions": jnp.sum(m),
+    s = {"align_words_sum": mse_weight * jnp.sum(err * m) + ce_sum,
+         "align_positions": jnp.sum(m),
          "align_word_hits": jnp.sum(hit * words), "align_word_positions": jnp.sum(words)}
     return s["align_words_sum"] / _denominator(norm, "align_positions",
                                                s["align_positions"]), s
-
-
-def optax_ce(logits, labels):
-    """Softmax cross-entropy with integer labels (float32)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
 def unit_ce(logits, targets, loss_mask, norm: Optional[Mapping] = None

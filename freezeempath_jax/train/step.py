@@ -418,18 +418,13 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
                                  attr_weight=cfg.attr_weight, cue_logits=feats.cue_logits,
                                  cue_weights=cue_weights)
-    elif obj == "align_ctc":
+    elif obj in ("align_ctc", "align_words"):  # the projector against the embedding table
+        align_loss = losses.align_ctc if obj == "align_ctc" else losses.align_words
+
         def f(params, batch, norm):
             enc = _encoder_outputs(model, params, batch)
             speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
-            return losses.align_ctc(speech, params["llm"]["embed_tokens"]["embedding"], batch,
-                                    norm)
-    elif obj == "align_words":
-        def f(params, batch, norm):
-            enc = _encoder_outputs(model, params, batch)
-            speech = model.apply({"params": params}, enc[0], method=FreezeEmpath.project_speech)
-            return losses.align_words(speech, params["llm"]["embed_tokens"]["embedding"], batch,
-                                      norm)
+            return align_loss(speech, params["llm"]["embed_tokens"]["embedding"], batch, norm)
     elif obj == "emotion_ce":
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)
