@@ -54,6 +54,10 @@ def get_config(size: str = "full"):
 
         config = demo.demo_config("2a")
         model = _with_heads(from_dict(FreezeEmpathConfig, config.model), age=False)
+        # this recipe trains stage 1 through the LLM (the paper's order); the demo's snapped
+        # speech needs its word-timed "align" stage first, so the projector stays continuous
+        model = dataclasses.replace(model, projector=dataclasses.replace(
+            model.projector, snap_to_vocab=False, snap_compact=False))
         config.model = to_dict(model)
         config.loss.gender_weight = demo.SER_WEIGHT  # as the demo weighs its SER head
         config.loss.age_weight = 0.0

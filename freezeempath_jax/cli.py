@@ -74,7 +74,7 @@ def _eval(args):
 
 def _demo(args):
     from freezeempath_jax.demo import run_demo
-    run_demo(workdir=args.workdir, quick=args.quick, speech=args.speech)
+    run_demo(workdir=args.workdir, quick=args.quick, speech=args.speech, seed=args.seed)
     return 0
 
 
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train stage 3 (speech decoder on the demo unit codec) and speak "
                         "the replies (chat/audio/, report/speech.json); about 30 min more on "
                         "a 2-core CPU")
+    m.add_argument("--seed", type=int, default=0,
+                   help="training seed (the corpus is the same for every seed)")
     m.set_defaults(fn=_demo)
     return p
 

@@ -6,9 +6,10 @@ and emotion extractor are trained around them on a synthetic eSpeak corpus:
 
 1. synthesize instructions and emotional statements in the 5 emotions (`data.synthetic`);
 2. the frozen LLM writes its own targets (the trainer self-distils replies);
-3. stage 1 trains the projector, a SER-only warm-up then stages 2a and 2b the emotion
-   extractor (the real training code; frozen encoder outputs are computed once per stage
-   and reused by every step);
+3. a word-timed alignment warm-up ("align") trains the projector so that the LLM reads the
+   speech as the words spoken (snapped to token embeddings, repeats and silence dropped); a
+   SER-only warm-up then stages 2a and 2b train the emotion extractor (the real training
+   code; frozen encoder outputs are computed once per stage and reused by every step);
 4. held-out clips: SER accuracy and confusion matrix; one sentence spoken in every emotion,
    answered side by side;
 5. `chat` on held-out clips and on `../shared/audio/` when present.
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # CPU-sized recipe: every step that reaches the LLM runs the 135M LLM forward and its
 # input-gradient backward for 8 prompts of ~70 tokens (2 s on a 2-core AVX-512 Xeon, 5 s on a
-# 2-core AVX2 EPYC), so those steps are counted in tens; stage 1 and 2b are kept short.
+# 2-core AVX2 EPYC), so those steps are counted in tens; 2a and 2b are kept short (stage 1's
+# recipe stays for `demo_config("1")`; the demo runs "align" instead).
 # Before 2a, a warm-up ("ser": the 2a trainable table with the `ser_ce` objective) trains the
 # emotion extractor on the SER head's CE alone, which never reaches the LLM (a few ms a step);
 # 2a then teaches the LLM-facing side. "quick" is CI's reduced run.
@@ -46,27 +48,32 @@ RECIPES = {
              "1": dict(lr=1e-3, batch_size=8, steps=30),
              "ser": dict(lr=1e-3, batch_size=16, steps=300),
              "2a": dict(lr=1e-3, batch_size=8, steps=48),
-             "2b": dict(lr=3e-4, batch_size=8, steps=8)},
+             "2b": dict(lr=3e-4, batch_size=8, steps=16)},
     "quick": {"align": dict(lr=1e-3, batch_size=16, steps=400),
               "1": dict(lr=1e-3, batch_size=8, steps=2),
               "ser": dict(lr=1e-3, batch_size=16, steps=300),
               "2a": dict(lr=1e-3, batch_size=8, steps=24),
               "2b": dict(lr=3e-4, batch_size=8, steps=2)},
 }
-# "align" is the content-alignment warm-up of the projector: each speech position regresses
-# onto the frozen LLM's embedding of the word eSpeak was speaking there (`align_words`, word
-# timings from eSpeak's own events; no LLM layer runs; `demo_config("align")` builds it);
-# "ser" the SER-only warm-up of the emotion extractor. Both cost milliseconds a step.
-# The default recipe does not use "align" yet. Measured on held-out grammar questions (stage
-# 1 prompt alone, 40 clips, replies naming the topic): 0.00 after stage 1 alone (CE through
-# the LLM), 0.08 after `align_words`, 0.35 with the speech embeddings snapped to the nearest
-# token embedding (`projector.snap_to_vocab`; 64 clips per emotion) and 0.47 with 256 clips
-# per emotion (held-out position accuracy 0.46 -> 0.89). But the whole recipe on snapped
-# speech (align 800 steps, 256 clips per emotion, then 1 / ser / 2a / 2b as below) answered
-# with fragments of the user template ("(with a 2019-2020 emotional tone)") and named the
-# topic in 5% of held-out replies, so the demo keeps the recipe below (README, issue 13).
-STAGES = ("1", "ser", "2a", "2b")
-CORPUS = {"full": 64, "quick": 64}  # clips per emotion
+# "align" is the content-alignment warm-up of the projector, in place of the paper's stage 1
+# (CE through the LLM): each speech position regresses onto the frozen LLM's embedding of the
+# word eSpeak was speaking there (`align_words`, word timings from eSpeak's own events; no LLM
+# layer runs); "ser" the SER-only warm-up of the emotion extractor. Both cost milliseconds a
+# step. The LLM then reads the speech embeddings snapped to the nearest token of the corpus's
+# vocabulary, with repeats, silence and ambiguous positions dropped (`projector.snap_*`): it
+# reads "How do I cook pancakes" as text. Measured on held-out grammar questions (40 replies,
+# topic named; README): stage 1 alone 0.00, align_words alone 0.08, snapped 0.35-0.47,
+# snapped and compacted 0.47; the topic word is in the compacted text of 95% of the clips.
+# Stage 1 is left out: its CE steps through the LLM (straight-through) undid the alignment
+# (0.47 -> 0.10); 2a and 2b train only the emotion side, so the alignment stays as trained.
+STAGES = ("align", "ser", "2a", "2b")
+# Clips per emotion: the alignment generalises with 256 (held-out position accuracy 0.89)
+# and memorises with 64 (0.46); CI's quick run keeps 64.
+CORPUS = {"full": 256, "quick": 64}
+# SmolLM2's "\n": `data.align_silence`, the token `align_words` targets where no word is
+# spoken; snapped positions there are dropped (test_demo checks it against the tokenizer).
+SILENCE_TOKEN_ID = 198
+SNAP_AMBIGUITY = 0.95  # `projector.snap_ambiguity` (see models/configs.py)
 # The paper weighs the SER-head CE 0.8 over 110K clips x 3 epochs; with ~100 steps the demo
 # gives it more weight (3.0) so the head settles before the CE through the LLM does.
 SER_WEIGHT = 3.0
@@ -77,13 +84,42 @@ WARMUP = 0.1  # of the steps; the default 3% is about 3 steps here
 # The release's system prompt is 28 SmolLM2 tokens, a third of every training sequence here;
 # the demo trains its own adapters, so it uses a shorter instruction (stored in the
 # checkpoint's config, so `chat` uses it too).
-DEMO_SYSTEM_PROMPT = "You are an empathetic spoken chatbot. Answer briefly and kindly."
+# Measured on 44 held-out questions read by SmolLM2 as the teacher reads them (greedy, 32
+# tokens; share naming the topic, plain / "(I feel sad.)" / angry / happy): 0.77 / 0.75 /
+# 0.55 / - with "You are an empathetic spoken chatbot. Answer briefly and kindly." (the
+# previous prompt); 0.86 / 0.73 / 0.82 / 0.86 with the prompt below, which still acknowledges
+# sad and angry feelings (84% / 91%, plain 20%). "... Answer the user's question." made
+# replies talk about "the user's question" (third person, counted as describing the speaker).
+DEMO_SYSTEM_PROMPT = "You are a helpful and caring assistant. Answer the question."
+# The chat turn: the emotion embedding, then the speech read as text. With the release's
+# "<speech>(with a <emotion> emotional tone)." SmolLM2 echoes the template around the
+# embedding it cannot read as a word ("Enjoying tennis with a 20-20 emotional tone ..."); with
+# the embedding first and the question last it answers the question (held-out topic 0.475 vs
+# 0.45 on the same alignment, acknowledgement 31% / 12% vs 38% / 12%, README).
+DEMO_USER_TEMPLATE = "<emotion><speech>"
 SIDE_BY_SIDE = "I just found out what happened to my old friend."
 
 
+def snap_vocabulary(data_dir: str) -> tuple:
+    """The token ids snapping chooses from: every token of the corpus's training transcripts
+    (what `align_words` classifies over) and the silence token."""
+    from freezeempath_jax.data.manifests import read_manifest
+    from freezeempath_jax.real_models import smollm2_gguf
+    from freezeempath_jax.text.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(smollm2_gguf())
+    recs = read_manifest(os.path.join(data_dir, "train.jsonl"))
+    ids = {int(t) for r in recs if r.get("transcript") for t in tok.encode(r["transcript"])}
+    return tuple(sorted(ids | {SILENCE_TOKEN_ID}))
+
+
 def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = None,
-                previous: tuple = (), cache_dir: Optional[str] = None):
-    """Training config of one demo stage (a ConfigDict the trainer takes as is)."""
+                previous: tuple = (), cache_dir: Optional[str] = None,
+                snap_vocab: tuple = (), seed: int = 0):
+    """Training config of one demo stage (a ConfigDict the trainer takes as is). snap_vocab:
+    `snap_vocabulary(data_dir)` once the corpus exists (the "align" stage trains the
+    continuous projector and does not need it). seed: the training seed (the corpus is the
+    same for every seed)."""
     import dataclasses
 
     from freezeempath_jax.models import presets
@@ -100,9 +136,12 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     # freshly trained projector; the release uses k=5 on 30 s inputs).
     model = dataclasses.replace(
         presets.DEMO_SMALL,
-        projector=dataclasses.replace(presets.DEMO_SMALL.projector, k=10),
+        projector=dataclasses.replace(
+            presets.DEMO_SMALL.projector, k=10, snap_to_vocab=True, snap_compact=True,
+            snap_silence_id=SILENCE_TOKEN_ID, snap_ambiguity=SNAP_AMBIGUITY,
+            snap_vocab=tuple(int(t) for t in snap_vocab)),
         whisper=dataclasses.replace(presets.DEMO_SMALL.whisper, allow_short_inputs=True),
-        system_prompt=DEMO_SYSTEM_PROMPT)
+        system_prompt=DEMO_SYSTEM_PROMPT, user_template=DEMO_USER_TEMPLATE)
     c = defaults.base_config(model, recipes, stage=stage)
     c.train.frozen_dtype = "float32"
     c.train.warmup_frac = WARMUP
@@ -110,7 +149,7 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     c.train.ckpt_every = 1000
     c.train.log_every = 4
     c.train.eval_batches = 2  # the demo scores every held-out clip itself afterwards
-    c.train.seed = 0
+    c.train.seed = int(seed)
     # `pypi:` specs (checked installed now), so trained stages load in any environment
     c.init.whisper, c.init.llm = model_spec(whisper_tiny_en_ct2()), model_spec(smollm2_gguf())
     c.init.previous = tuple(previous)
@@ -163,18 +202,20 @@ def _read_metrics(stage_dir: str) -> List[dict]:
     return read_jsonl(path) if os.path.exists(path) else []
 
 
-def train_stages(workdir: str, quick: bool = False) -> Dict[str, dict]:
-    """Runs stages 1, ser (the SER-only warm-up), 2a, 2b in `workdir/stage_*` (each
-    initialised from the ones before); a stage already finished there is skipped. Returns
-    each stage's final metrics."""
+def train_stages(workdir: str, quick: bool = False, seed: int = 0) -> Dict[str, dict]:
+    """Runs stages align (content alignment), ser (the SER-only warm-up), 2a, 2b in
+    `workdir/stage_*` (each initialised from the ones before); a stage already finished there
+    is skipped. Returns each stage's final metrics."""
     from freezeempath_jax.train import trainer
 
     data_dir = os.path.join(workdir, "data")
     done: List[str] = []
     results = {}
     for stage in STAGES:
+        vocab = () if stage == "align" else snap_vocabulary(data_dir)  # corpus exists now
         cfg = demo_config(stage, quick=quick, data_dir=data_dir, previous=tuple(done),
-                          cache_dir=os.path.join(workdir, "cache"))
+                          cache_dir=os.path.join(workdir, "cache"), snap_vocab=vocab,
+                          seed=seed)
         stage_dir = os.path.join(workdir, f"stage_{stage}")
         steps = int(cfg.recipes[cfg.stage]["steps"])
         cached = _stage_done(stage_dir, steps)
@@ -284,7 +325,7 @@ def held_out_questions(chat_model, emotions, num_questions: int = 8, seed: int =
                  for i, e in enumerate(emotions)]
         replies = chat_model.respond(clips, max_new_tokens=max_new_tokens, temperature=0.0)
         rows += [{"question": question, "topic": topic, "voice": voice, "spoken_emotion": e,
-                  "predicted_emotion": r.emotion, "reply": r.text}
+                  "predicted_emotion": r.emotion, "reply": r.text, "heard": r.heard}
                  for e, r in zip(emotions, replies)]
 
     def rate(sel, fn):
@@ -299,6 +340,9 @@ def held_out_questions(chat_model, emotions, num_questions: int = 8, seed: int =
         "num_replies": len(rows),
         "speaker_description_rate": rate(lambda r: True, lambda r: describes_speaker(r["reply"])),
         "topic_rate": rate(lambda r: True, lambda r: r["topic"].lower() in r["reply"].lower()),
+        # content transfer before the LLM answers: the topic word is in what it read
+        "topic_heard_rate": rate(lambda r: r["heard"] is not None,
+                                 lambda r: r["topic"].lower() in r["heard"].lower()),
         "differs_with_emotion": float(np.mean([len(v) > 1 for v in by_q.values()])),
         "acknowledgement_sad_angry": rate(lambda r: r["spoken_emotion"] in ("sad", "angry"),
                                           lambda r: acknowledges_feeling(r["reply"])),
@@ -349,9 +393,10 @@ def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
     plt.close(fig)
 
 
-def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = False) -> dict:
+def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = False,
+             seed: int = 0) -> dict:
     """Runs the demo (see the module docstring); returns the metrics written to
-    `workdir/report/metrics.json`. `speech` adds stage 3 (speech decoder on the demo unit
+    `workdir/report/metrics.json`. seed: the training seed (README: the spread over seeds). `speech` adds stage 3 (speech decoder on the demo unit
     codec), spoken chat replies in chat/audio/ and the speech report; it is off by default
     because stage 3 does not fit the demo's 15 minutes on a 2-core CPU yet (issue 14)."""
     from freezeempath_jax.inference.cli import run_chat
@@ -369,7 +414,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
     report.mkdir(parents=True, exist_ok=True)
     emotions = list(EMOTIONS)
 
-    stages = train_stages(workdir, quick=quick)
+    stages = train_stages(workdir, quick=quick, seed=seed)
     if speech:
         stages["3"] = train_speech_stage(workdir, quick=quick)
     t_train = time.perf_counter() - tic
@@ -451,11 +496,13 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
               f"{u['speaker_description_rate']:.0%}; questions whose replies differ with the "
               f"emotion: {u['differs_with_emotion']:.0%}; acknowledging the feeling: "
               f"{u['acknowledgement_sad_angry']:.0%} of sad/angry vs "
-              f"{u['acknowledgement_neutral']:.0%} of neutral inputs.", "",
-              "| question (topic) | spoken as | SER says | reply |", "|---|---|---|---|"]
+              f"{u['acknowledgement_neutral']:.0%} of neutral inputs. Topic word in what the "
+              f"LLM read (`heard`): {u['topic_heard_rate']:.0%}.", "",
+              "| question (topic) | spoken as | SER says | LLM read | reply |",
+              "|---|---|---|---|---|"]
     lines += [f"| {r['question']} ({r['topic']}) | {r['spoken_emotion']} | "
-              f"{r['predicted_emotion']} | {r['reply'].replace('|', '/').replace(chr(10), ' ')} |"
-              for r in u["rows"]]
+              f"{r['predicted_emotion']} | {r['heard'] or ''} | "
+              f"{r['reply'].replace('|', '/').replace(chr(10), ' ')} |" for r in u["rows"]]
     ret = tables["retention"]
     ci = tables["ser"]["ci95"]["accuracy"]
     lines += ["", "## Evaluation (`freezeempath_jax.evaluation`)", "",
@@ -522,7 +569,7 @@ def speech_stage_config(quick: bool, previous: tuple, data_dir: str, cache_dir: 
 
     r = dict(SPEECH_RECIPES["quick" if quick else "full"])
     c = demo_config("2b", quick=quick, data_dir=data_dir, previous=previous,
-                    cache_dir=cache_dir)
+                    cache_dir=cache_dir, snap_vocab=snap_vocabulary(data_dir))
     c.model.speech_decoder = to_dict(presets.demo_speech_decoder(
         codec_config().codebook_size, MAX_REPLY_UNITS))
     c.recipes["3a"] = dict(lr=r["lr"], batch_size=r["batch_size"], steps=r["steps"])

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from freezeempath_jax.inference import sampling as sampling_lib
-from freezeempath_jax.inference.chat import ChatModel, Prompts
+from freezeempath_jax.inference.chat import ChatModel, Prompts, _stack_rows
 from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import SPEECH, ChatFormat, expand_placeholders
 from freezeempath_jax.text.tokenizers import Codec
@@ -57,7 +57,7 @@ def speech_replies(cm: ChatModel, clips: Sequence[np.ndarray], *, width: int,
     everything else fixed), "given" (`emotion_values [B, Q, H]`, e.g. another clip's)."""
     enc = cm.encode(list(clips), width)
     n = len(clips)
-    s_count, q_count = enc.speech.shape[1], enc.emotion.shape[1]
+    q_count = enc.emotion.shape[1]
     emo = enc.emotion[:n]
     if emotion == "zero":
         emo = np.zeros_like(emo)
@@ -65,8 +65,9 @@ def speech_replies(cm: ChatModel, clips: Sequence[np.ndarray], *, width: int,
         emo = np.asarray(emotion_values, enc.emotion.dtype)
     elif emotion != "model":
         raise ValueError(f"emotion={emotion!r}: choose model, zero or given")
-    rows = [turn_ids(cm, cm.config.user_template, s_count, q_count)] * n
-    return _generate(cm, rows, enc.speech[:n], emo, width, max_new_tokens)
+    speech = [enc.row_speech(i) for i in range(n)]  # compacted rows differ in length
+    rows = [turn_ids(cm, cm.config.user_template, len(v), q_count) for v in speech]
+    return _generate(cm, rows, np.asarray(_stack_rows(speech)), emo, width, max_new_tokens)
 
 
 def emotion_embeddings(cm: ChatModel, clips: Sequence[np.ndarray], width: int) -> np.ndarray:

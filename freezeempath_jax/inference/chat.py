@@ -45,7 +45,7 @@ from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.inference.speech_generation import generate_speech, stream_speech
 from freezeempath_jax.inference.voice import Voice
 from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
-from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures
+from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures, nearest_tokens
 from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import (ChatFormat, dual_thinking_prefix,
                                            expand_placeholders, paralinguistic_analysis,
@@ -97,6 +97,7 @@ class Reply:
     audio: Optional[np.ndarray] = None  # spoken reply (float32) when the model has a voice
     sampling_rate: Optional[int] = None  # of `audio`
     audio_error: Optional[str] = None  # why the units could not be spoken (this row only)
+    heard: Optional[str] = None  # snapped speech: what the LLM read as text (`ChatModel.heard`)
 
 
 @dataclasses.dataclass
@@ -107,6 +108,16 @@ class EncodedTurn:
     emotion: jax.Array  # [W, Q, H] emotion embeddings (on the device)
     ser_logits: np.ndarray  # [W, C]
     cue_logits: Optional[Dict[str, np.ndarray]] = None  # {"gender": [W, 2], ...}
+    # [W, S] bool on the host with `projector.snap_compact` (kept positions last); None: all
+    speech_mask: Optional[np.ndarray] = None
+
+    def row_speech(self, i: int) -> jax.Array:
+        """Row i's speech embeddings as the LLM reads them [S_i, H]: all S, or with
+        compaction only the kept positions (the last `speech_mask[i].sum()`)."""
+        if self.speech_mask is None:
+            return self.speech[i]
+        n = int(np.sum(self.speech_mask[i]))
+        return self.speech[i, self.speech.shape[1] - n:]
 
 
 @dataclasses.dataclass
@@ -125,7 +136,7 @@ class Prompts:
 def _stack_rows(vals: Sequence[Any]) -> jax.Array:
     """Rows of different lengths -> one zero-padded [W, N, ...] array, built where the rows
     live (the device, for embeddings `encode` computed: they never visit the host)."""
-    n = max(len(v) for v in vals)
+    n = max(1, max(len(v) for v in vals))  # splice needs one value even with no placeholder
     return jnp.stack([jnp.pad(jnp.asarray(v), [(0, n - len(v))] + [(0, 0)] * (v.ndim - 1))
                       for v in vals])
 
@@ -211,8 +222,27 @@ class ChatModel:
             f = self._encode(self.params, jnp.asarray(np.stack(mels)))
         # The embeddings stay on the device (spliced into the prompt there, kept there in the
         # history); only the small head outputs come to the host.
-        ser, cues = jax.device_get((f.ser_logits, f.cue_logits))
-        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues)
+        ser, cues, keep = jax.device_get((f.ser_logits, f.cue_logits, f.speech_mask))
+        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues, keep)
+
+    def heard(self, enc: EncodedTurn) -> Optional[List[str]]:
+        """With snapped speech (`projector.snap_to_vocab`), what the LLM reads for each row as
+        text (the tokens whose embeddings were spliced, e.g. "How do I cook pancakes");
+        None for continuous speech embeddings."""
+        p = self.config.projector
+        if not p.snap_to_vocab:
+            return None
+        table = self.params["llm"]["embed_tokens"]["embedding"]
+        out = []
+        for i in range(len(enc.speech)):
+            row = enc.row_speech(i)
+            if row.shape[0] == 0:
+                out.append("")
+                continue
+            # snapped rows are exact table rows: the nearest token is the token itself
+            ids = np.asarray(nearest_tokens(row[None], table, p.snap_vocab))[0]
+            out.append(self.codec.decode([int(t) for t in ids]))
+        return out
 
     def cue_labels(self, enc: EncodedTurn) -> List[Dict[str, str]]:
         """Each row's paralinguistic predictions ({"gender": "female", "age": "young"})."""
@@ -292,7 +322,7 @@ class ChatModel:
         -> left-padded ids (length bucketed to `prompt_bucket`) and the embeddings of every
         spliced turn."""
         width = len(enc.speech)
-        s_count, q_count = enc.speech.shape[1], enc.emotion.shape[1]
+        q_count = enc.emotion.shape[1]
         analyses = self.analyses(enc) if self.dual_thinking else None
         thought = ([self.codec.encode(dual_thinking_prefix(a)) for a in analyses]
                    if analyses is not None else [[] for _ in range(width)])
@@ -300,12 +330,14 @@ class ChatModel:
         for i in range(width):
             conv = (conversations[i] if conversations is not None and i < n_real
                     else Conversation())
-            kept, ids, d = self._fit(conv, s_count, q_count, max_new_tokens + len(thought[i]))
+            speech_i = enc.row_speech(i)
+            kept, ids, d = self._fit(conv, len(speech_i), q_count,
+                                     max_new_tokens + len(thought[i]))
             ids = ids + thought[i]
             spliced = [t for t in kept if self.history == "embeddings"
                        and t.speech_embeds is not None]
             values_s.append(jnp.concatenate([jnp.asarray(t.speech_embeds) for t in spliced]
-                                            + [enc.speech[i]]))
+                                            + [speech_i]))
             values_q.append(jnp.concatenate([jnp.asarray(t.emotion_embedding)
                                              for t in spliced] + [enc.emotion[i]]))
             rows.append(ids)
@@ -379,6 +411,7 @@ class ChatModel:
         emotions = self.config.emotions
         probs = np.asarray(jax.nn.softmax(jnp.asarray(enc.ser_logits, jnp.float32), axis=-1))
         cues = self.cue_labels(enc)
+        heard = self.heard(enc)
         # after the analysis's line break a tokenizer may open the reply with a space
         strip = (lambda t: t.lstrip()) if prompts.analyses is not None else (lambda t: t)
         return [Reply(text=strip(self.codec.decode(text_ids[i])), text_ids=text_ids[i],
@@ -388,7 +421,8 @@ class ChatModel:
                       dropped_turns=prompts.dropped[i], cues=cues[i],
                       analysis=None if prompts.analyses is None else prompts.analyses[i],
                       analysis_ids=[] if prompts.analysis_ids is None
-                      else list(prompts.analysis_ids[i]))
+                      else list(prompts.analysis_ids[i]),
+                      heard=None if heard is None else heard[i])
                 for i in range(b)]
 
     def _speak(self, replies: List[Reply], seed):
@@ -447,7 +481,7 @@ class ChatModel:
                 reply_ids=list(r.analysis_ids) + list(r.text_ids), reply=r.text,
                 emotion=r.emotion,
                 transcript=None if transcripts is None else transcripts[i],
-                speech_embeds=enc.speech[i] if keep_emb else None,
+                speech_embeds=enc.row_speech(i) if keep_emb else None,
                 emotion_embedding=enc.emotion[i] if keep_emb else None))
 
 

@@ -173,7 +173,8 @@ def _answer_record(item: dict, reply) -> Dict:
                 str(u) for u in reply.units),
             "emotion": {"label": reply.emotion, "probabilities": probs},
             **({"paralinguistic": dict(reply.cues)} if getattr(reply, "cues", None) else {}),
-            **({"analysis": reply.analysis} if getattr(reply, "analysis", None) else {})}
+            **({"analysis": reply.analysis} if getattr(reply, "analysis", None) else {}),
+            **({"heard": reply.heard} if getattr(reply, "heard", None) is not None else {})}
 
 
 UNIT_DECODER_DIR = "unit_decoder"  # a model folder may hold its units-to-waveform decoder here
@@ -258,7 +259,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     dual_thinking: True / False switches the OSUM-EChat analysis that opens each reply on or
     off (the line gets `analysis`; `prediction` stays the reply); None keeps the model's
     default (the checkpoint's `data.dual_thinking`). Lines of a model with paralinguistic
-    heads also get `paralinguistic` ({"gender": "female", ...}).
+    heads also get `paralinguistic` ({"gender": "female", ...}); of a model with snapped speech
+    (`projector.snap_to_vocab`, the demo), `heard`: what the LLM read as text.
     mesh: run sharded (a Mesh, a shape or "DATAxFSDPxTENSOR"; see `load_chat_model`).
     unit_temperature: speech-unit sampling temperature of a model loaded here (default the
     release's 1.0); a ChatModel passed in keeps its own.

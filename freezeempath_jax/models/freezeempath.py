@@ -30,6 +30,9 @@ class SpeechFeatures:
     ser_logits: jax.Array  # [B, num_classes]
     attributes: Optional[jax.Array] = None  # [B, A] (RE-LLM dimensional attributes) or None
     cue_logits: Optional[dict] = None  # {"gender": [B, 2], "age": [B, 3]} or None
+    # [B, S] bool, with `projector.snap_compact`: which speech positions the LLM reads (the
+    # kept ones are the last of each row); None: all of them.
+    speech_mask: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -56,15 +59,63 @@ def splice(embeds, input_ids, token_id: int, values):
     return jnp.where(is_tok[..., None], gathered, embeds)
 
 
-def snap_to_vocab(speech, table):
-    """Each speech embedding [B, S, H] replaced by its nearest row of the embedding table
-    [V, H] (squared distance), with a straight-through gradient (the backward pass sees the
-    identity), so the frozen LLM reads only embeddings it was trained on."""
+def nearest_tokens(speech, table, vocab=(), with_ratio: bool = False):
+    """Ids [B, S] of the rows of the embedding table [V, H] nearest (squared distance) to
+    each speech embedding [B, S, H], among the ids `vocab` when given (else all rows). With
+    `with_ratio`, also each position's nearest / second-nearest squared distance [B, S]."""
     h = speech.astype(jnp.float32)
-    e = table.astype(jnp.float32)
+    ids = jnp.asarray(vocab, jnp.int32) if len(vocab) else None
+    e = (table if ids is None else jnp.take(table, ids, axis=0)).astype(jnp.float32)
     score = 2.0 * jnp.einsum("bsh,vh->bsv", h, e) - jnp.sum(e * e, axis=-1)
-    nearest = jnp.take(e, jnp.argmax(score, axis=-1), axis=0)
+    top, best = jax.lax.top_k(score, 2)
+    best = best[..., 0] if ids is None else jnp.take(ids, best[..., 0])
+    if not with_ratio:
+        return best
+    norm = jnp.sum(h * h, axis=-1)  # distance = |h|^2 - score
+    ratio = (norm - top[..., 0]) / jnp.maximum(norm - top[..., 1], 1e-12)
+    return best, ratio
+
+
+def snap_to_vocab(speech, table, ids=None):
+    """Each speech embedding [B, S, H] replaced by its nearest row of the embedding table
+    [V, H] (`ids` when already known), with a straight-through gradient (the backward pass
+    sees the identity), so the frozen LLM reads only embeddings it was trained on."""
+    ids = nearest_tokens(speech, table) if ids is None else ids
+    h = speech.astype(jnp.float32)
+    nearest = jnp.take(table.astype(jnp.float32), ids, axis=0)
     return (h + jax.lax.stop_gradient(nearest - h)).astype(speech.dtype)
+
+
+def compact_tokens(speech, ids, silence_id: int = -1, sure=None):
+    """Snapped speech [B, S, H] read as text. A position is valid when its token `ids`
+    [B, S] is not `silence_id` and it is `sure` ([B, S] bool, when given); a valid position
+    is kept when its token differs from the last valid one before it (a word spread over
+    several positions, or split by a short pause, is read once). Returns (speech [B, S, H],
+    mask [B, S] bool) with each row's kept positions moved, in order, to its end (static
+    shapes: a running max and a stable sort, no data-dependent length)."""
+    valid = ids != silence_id
+    if sure is not None:
+        valid = valid & sure
+    pos = jnp.arange(ids.shape[1])
+    last = jax.lax.cummax(jnp.where(valid, pos, -1), axis=1)  # last valid position so far
+    before = jnp.pad(last[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    prev = jnp.where(before >= 0, jnp.take_along_axis(ids, jnp.maximum(before, 0), axis=1), -1)
+    keep = valid & (ids != prev)
+    order = jnp.argsort(keep, axis=1, stable=True)  # dropped first, kept last, each in order
+    return (jnp.take_along_axis(speech, order[..., None], axis=1),
+            jnp.take_along_axis(keep, order, axis=1))
+
+
+def speech_attention_mask(input_ids, attention_mask, speech_token_id: int, speech_mask):
+    """`attention_mask` [B, T] with each speech placeholder's slot set from `speech_mask`
+    [B, S] (dropped speech positions become holes: positions count real slots only, so the
+    kept ones read as contiguous text)."""
+    base = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+            else attention_mask.astype(jnp.int32))
+    is_tok = input_ids == speech_token_id
+    idx = jnp.clip(jnp.cumsum(is_tok, axis=1) - 1, 0, speech_mask.shape[1] - 1)
+    kept = jnp.take_along_axis(speech_mask.astype(jnp.int32), idx, axis=1)
+    return jnp.where(is_tok, base * kept, base)
 
 
 class FreezeEmpath(nn.Module):
@@ -95,13 +146,19 @@ class FreezeEmpath(nn.Module):
     def features_from_states(self, last_hidden_state, layer_states) -> SpeechFeatures:
         """Adapters on (possibly cached) encoder outputs (speech embeddings snapped to the
         LLM's token embeddings when `projector.snap_to_vocab`)."""
-        speech = self.projector(last_hidden_state)
-        if self.config.projector.snap_to_vocab:
-            speech = snap_to_vocab(speech, self.llm.embed_tokens.embedding)
+        p = self.config.projector
+        speech, speech_mask = self.projector(last_hidden_state), None
+        if p.snap_to_vocab:
+            table = self.llm.embed_tokens.embedding
+            ids, ratio = nearest_tokens(speech, table, p.snap_vocab, with_ratio=True)
+            speech = snap_to_vocab(speech, table, ids)
+            if p.snap_compact:
+                sure = ratio <= p.snap_ambiguity if p.snap_ambiguity < 1.0 else None
+                speech, speech_mask = compact_tokens(speech, ids, p.snap_silence_id, sure)
         emo = self.emotion(layer_states)
         return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
                               ser_logits=emo.ser_logits, attributes=emo.attributes,
-                              cue_logits=emo.cue_logits)
+                              cue_logits=emo.cue_logits, speech_mask=speech_mask)
 
     def project_speech(self, last_hidden_state):
         """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs, never
@@ -140,6 +197,13 @@ class FreezeEmpath(nn.Module):
             encoder_states = self.encode_audio(mel)
         feats = self.features_from_states(*encoder_states)
         embeds = self.prompt_embeds(input_ids, feats)
+        if feats.speech_mask is not None:
+            if cache is not None:  # the mask would cover cache slots, not these tokens
+                raise ValueError("projector.snap_compact: prefill without a cache (chat "
+                                 "passes only the kept speech positions)")
+            attention_mask = speech_attention_mask(input_ids, attention_mask,
+                                                   self.config.speech_token_id,
+                                                   feats.speech_mask)
         out = self.llm(inputs_embeds=embeds.astype(to_dtype(self.config.llm.dtype)),
                        positions=positions, attention_mask=attention_mask, cache=cache,
                        last_logits_only=last_logits_only, return_logits=return_logits)

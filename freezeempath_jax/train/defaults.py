@@ -126,6 +126,10 @@ def loss_section() -> ml_collections.ConfigDict:
     l.kl_temperature = 1.0  # stage 1 KL variant
     l.kl_ce_weight = 0.0  # stage 1 KL variant: + this x CE on the teacher's reply
     l.mix_2a = 0.5  # stage 2b: share of each batch drawn from the 2a emotion task
+    # objective ser_ce: + weight x squared error of the emotion embedding against the LLM's
+    # embedding of a word per emotion (token ids in `model.emotions` order; the demo's)
+    l.emotion_word_weight = 0.0
+    l.emotion_word_ids = ()
     return l
 
 
@@ -277,6 +281,8 @@ def train_config_from(cfg) -> Dict[str, Any]:
         attr_weight=float(l.attr_weight), gender_weight=float(l.get("gender_weight", 0.0)),
         age_weight=float(l.get("age_weight", 0.0)), kl_temperature=float(l.kl_temperature),
         kl_ce_weight=float(l.kl_ce_weight),
+        emotion_word_weight=float(l.get("emotion_word_weight", 0.0)),
+        emotion_word_ids=tuple(int(t) for t in l.get("emotion_word_ids", ()) or ()),
         sharding_overrides=(tuple(tuple(e) for e in cfg.mesh.overrides)
                             if cfg.mesh.get("overrides") else None),
         seed=int(t.seed))

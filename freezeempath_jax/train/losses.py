@@ -162,6 +162,40 @@ def _with_attributes(loss, s, attributes, batch, norm, attr_weight: float):
     return loss, s
 
 
+def emotion_word_sums(emotion_embedding, embed_table, labels, word_ids) -> Sums:
+    """The emotion embedding [B, Q, H] against the frozen LLM's input embedding of a word for
+    the row's emotion (`word_ids[label]`, e.g. " sad"): squared error over the mean squared
+    norm of the word embeddings (scale-free), summed over labelled rows (label -1 counts
+    nowhere), and whether the nearest of the words is the right one."""
+    words = jnp.take(embed_table, jnp.asarray(word_ids, jnp.int32), axis=0).astype(jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    valid = (labels >= 0).astype(jnp.float32)
+    e = emotion_embedding.astype(jnp.float32)  # [B, Q, H]
+    target = jnp.take(words, jnp.maximum(labels, 0), axis=0)[:, None]
+    scale = jnp.mean(jnp.sum(words * words, axis=-1))
+    err = jnp.mean(jnp.sum((e - target) ** 2, axis=-1), axis=-1) / scale  # [B]
+    dist = jnp.sum((e[:, :, None] - words[None, None]) ** 2, axis=-1).mean(1)  # [B, K]
+    hit = (jnp.argmin(dist, axis=-1) == labels).astype(jnp.float32)
+    return {"emotion_word_sum": jnp.sum(err * valid),
+            "emotion_word_correct": jnp.sum(hit * valid),
+            "emotion_word_examples": jnp.sum(valid)}
+
+
+def with_emotion_words(loss, s, emotion_embedding, embed_table, batch, norm,
+                       weight: float, word_ids):
+    """Adds `weight` x `emotion_word_sums` (the demo's emotion-word warm-up: the frozen LLM
+    then reads the emotion embedding much as the word, e.g. "(I feel <emotion>.)")."""
+    if not weight:
+        return loss, s
+    if len(word_ids) == 0 or "emotion_label" not in batch:
+        raise ValueError("emotion_word_weight > 0 needs loss.emotion_word_ids (one token per "
+                         "emotion) and emotion-labelled clips")
+    w = emotion_word_sums(emotion_embedding, embed_table, batch["emotion_label"], word_ids)
+    s = dict(s, **w)
+    return loss + weight * w["emotion_word_sum"] / _denominator(
+        norm, "emotion_word_examples", w["emotion_word_examples"]), s
+
+
 def cue_sums(name: str, logits, labels) -> Sums:
     """`classification_sums` of one paralinguistic head, keyed `<name>_sum / _correct /
     _examples` (rows with label -1 count nowhere)."""
@@ -383,6 +417,9 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     if "align_sum" in sums:
         out["loss_align"] = ratio("align_sum", "align_examples")
         out["align_recall"] = ratio("align_hits", "align_tokens")
+    if "emotion_word_sum" in sums:
+        out["loss_emotion_word"] = ratio("emotion_word_sum", "emotion_word_examples")
+        out["emotion_word_accuracy"] = ratio("emotion_word_correct", "emotion_word_examples")
     if "align_words_sum" in sums:
         out["loss_align_words"] = ratio("align_words_sum", "align_positions")
         out["align_accuracy"] = ratio("align_word_hits", "align_word_positions")

@@ -104,6 +104,10 @@ class TrainConfig:
     age_weight: float = 0.0
     kl_temperature: float = 1.0
     kl_ce_weight: float = 0.0
+    # the emotion-word warm-up (`losses.with_emotion_words`): weight, and one token id per
+    # emotion class in `model.emotions` order
+    emotion_word_weight: float = 0.0
+    emotion_word_ids: Tuple[int, ...] = ()
     sharding_overrides: Optional[Tuple[Tuple[str, Any], ...]] = None
     seed: int = 0
 
@@ -131,6 +135,8 @@ class TrainConfig:
         if allow_extra:
             d = {k: v for k, v in d.items() if k in names}
         d = dict(d)
+        if d.get("emotion_word_ids") is not None:
+            d["emotion_word_ids"] = tuple(int(t) for t in d["emotion_word_ids"])
         for key in ("trainable_table", "sharding_overrides"):
             if d.get(key) is not None:
                 d[key] = tuple(tuple(e) for e in d[key])
@@ -415,9 +421,12 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             enc = _encoder_outputs(model, params, batch)
             feats = model.apply({"params": params}, *enc,
                                 method=FreezeEmpath.features_from_states)
-            return losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
-                                 attr_weight=cfg.attr_weight, cue_logits=feats.cue_logits,
-                                 cue_weights=cue_weights)
+            loss, sums = losses.ser_ce(feats.ser_logits, batch, feats.attributes, norm,
+                                       attr_weight=cfg.attr_weight,
+                                       cue_logits=feats.cue_logits, cue_weights=cue_weights)
+            return losses.with_emotion_words(
+                loss, sums, feats.emotion_embedding, params["llm"]["embed_tokens"]["embedding"],
+                batch, norm, cfg.emotion_word_weight, cfg.emotion_word_ids)
     elif obj in ("align_ctc", "align_words"):  # the projector against the embedding table
         align_loss = losses.align_ctc if obj == "align_ctc" else losses.align_words
 
@@ -428,9 +437,13 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
     elif obj == "emotion_ce":
         def f(params, batch, norm):
             out, batch = _student_windowed(model, params, batch)
-            return losses.emotion_ce(out.logits, out.ser_logits, batch, out.attributes, norm,
-                                     ser_weight=cfg.ser_weight, attr_weight=cfg.attr_weight,
-                                     cue_logits=out.cue_logits, cue_weights=cue_weights)
+            loss, sums = losses.emotion_ce(out.logits, out.ser_logits, batch, out.attributes,
+                                           norm, ser_weight=cfg.ser_weight,
+                                           attr_weight=cfg.attr_weight,
+                                           cue_logits=out.cue_logits, cue_weights=cue_weights)
+            return losses.with_emotion_words(
+                loss, sums, out.emotion_embedding, params["llm"]["embed_tokens"]["embedding"],
+                batch, norm, cfg.emotion_word_weight, cfg.emotion_word_ids)
     else:  # unit_ce
         if model.config.speech_decoder is None:
             raise ValueError("objective unit_ce needs a model config with a speech_decoder")
