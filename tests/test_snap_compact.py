@@ -27,21 +27,22 @@ SECONDS = 3.0
 def test_compact_tokens_keeps_the_first_of_each_run_and_drops_silence():
     ids = jnp.asarray([[5, 5, 9, 7, 7, 9, 7, 3], [9, 9, 9, 9, 9, 9, 9, 9]])
     speech = jnp.arange(2 * 8 * 2, dtype=jnp.float32).reshape(2, 8, 2)
-    out, keep = compact_tokens(speech, ids, silence_id=9)
+    out, out_ids, keep = compact_tokens(speech, ids, silence_id=9)
     np.testing.assert_array_equal(np.asarray(keep[0]), [0, 0, 0, 0, 0, 1, 1, 1])
     # kept: position 0 (5), 3 (7; the 7 after the pause is the same word), 7 (3), in order,
     # at the end of the row
     np.testing.assert_array_equal(np.asarray(out[0, 5:]), np.asarray(speech[0, [0, 3, 7]]))
+    np.testing.assert_array_equal(np.asarray(out_ids[0, 5:]), [5, 7, 3])
     assert not np.asarray(keep[1]).any()  # all silence: nothing kept
     # every position still appears once (a permutation: nothing lost, shapes static)
     np.testing.assert_array_equal(np.sort(np.asarray(out[0, :, 0])),
                                   np.asarray(speech[0, :, 0]))
     # without a silence id only repeats go (9 separates the two runs of 7)
-    _, keep = compact_tokens(speech, ids, silence_id=-1)
+    _, _, keep = compact_tokens(speech, ids, silence_id=-1)
     assert int(keep[0].sum()) == 6 and int(keep[1].sum()) == 1
     # unsure positions are dropped and, like silence, do not separate repeats
     sure = jnp.asarray([[1, 1, 1, 1, 0, 1, 1, 0], [1] * 8], bool)
-    _, keep = compact_tokens(speech, ids, silence_id=9, sure=sure)
+    _, _, keep = compact_tokens(speech, ids, silence_id=9, sure=sure)
     assert int(keep[0].sum()) == 2  # 5, 7 (the final 3 is unsure)
 
 
@@ -129,6 +130,7 @@ def test_chat_with_compaction_answers_as_if_the_tokens_were_typed():
     toks, lens = np.asarray(ref.tokens), np.asarray(ref.lengths)
     for i, r in enumerate(replies):
         assert r.text_ids == toks[i, :lens[i]].tolist()
+        assert r.heard == cm.codec.decode(kept[i])  # what the LLM read, reported
         assert convs[i].turns[-1].speech_embeds.shape[0] == len(kept[i])
     # a second turn splices the first turn's kept embeddings from the history
     again = cm.respond(mels, convs, max_new_tokens=4, temperature=0.0, speech=False)

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from freezeempath_jax.inference import sampling as sampling_lib
-from freezeempath_jax.inference.chat import ChatModel, Prompts, _stack_rows
+from freezeempath_jax.inference.chat import ChatModel, Prompts, stack_rows
 from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import SPEECH, ChatFormat, expand_placeholders
 from freezeempath_jax.text.tokenizers import Codec
@@ -67,7 +67,7 @@ def speech_replies(cm: ChatModel, clips: Sequence[np.ndarray], *, width: int,
         raise ValueError(f"emotion={emotion!r}: choose model, zero or given")
     speech = [enc.row_speech(i) for i in range(n)]  # compacted rows differ in length
     rows = [turn_ids(cm, cm.config.user_template, len(v), q_count) for v in speech]
-    return _generate(cm, rows, np.asarray(_stack_rows(speech)), emo, width, max_new_tokens)
+    return _generate(cm, rows, np.asarray(stack_rows(speech)), emo, width, max_new_tokens)
 
 
 def emotion_embeddings(cm: ChatModel, clips: Sequence[np.ndarray], width: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.inference.speech_generation import generate_speech, stream_speech
 from freezeempath_jax.inference.voice import Voice
 from freezeempath_jax.models.configs import AGE_GROUPS, GENDERS, FreezeEmpathConfig
-from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures, nearest_tokens
+from freezeempath_jax.models.freezeempath import FreezeEmpath, SpeechFeatures
 from freezeempath_jax.text.padding import left_pad, round_up
 from freezeempath_jax.text.prompts import (ChatFormat, dual_thinking_prefix,
                                            expand_placeholders, paralinguistic_analysis,
@@ -110,14 +110,23 @@ class EncodedTurn:
     cue_logits: Optional[Dict[str, np.ndarray]] = None  # {"gender": [W, 2], ...}
     # [W, S] bool on the host with `projector.snap_compact` (kept positions last); None: all
     speech_mask: Optional[np.ndarray] = None
+    speech_ids: Optional[np.ndarray] = None  # [W, S] snapped token ids (host), or None
+
+    def _kept(self, i: int) -> int:
+        """Row i's first position the LLM reads (0, or the first kept one with compaction)."""
+        return 0 if self.speech_mask is None else int(
+            self.speech.shape[1] - np.sum(self.speech_mask[i]))
 
     def row_speech(self, i: int) -> jax.Array:
         """Row i's speech embeddings as the LLM reads them [S_i, H]: all S, or with
         compaction only the kept positions (the last `speech_mask[i].sum()`)."""
-        if self.speech_mask is None:
-            return self.speech[i]
-        n = int(np.sum(self.speech_mask[i]))
-        return self.speech[i, self.speech.shape[1] - n:]
+        return self.speech[i, self._kept(i):]
+
+    def row_tokens(self, i: int) -> Optional[List[int]]:
+        """With snapped speech, the token ids row i's LLM reads (None otherwise)."""
+        if self.speech_ids is None:
+            return None
+        return [int(t) for t in self.speech_ids[i, self._kept(i):]]
 
 
 @dataclasses.dataclass
@@ -133,7 +142,7 @@ class Prompts:
     analysis_ids: Optional[List[List[int]]] = None  # its ids, at the end of the prompt
 
 
-def _stack_rows(vals: Sequence[Any]) -> jax.Array:
+def stack_rows(vals: Sequence[Any]) -> jax.Array:
     """Rows of different lengths -> one zero-padded [W, N, ...] array, built where the rows
     live (the device, for embeddings `encode` computed: they never visit the host)."""
     n = max(1, max(len(v) for v in vals))  # splice needs one value even with no placeholder
@@ -222,27 +231,17 @@ class ChatModel:
             f = self._encode(self.params, jnp.asarray(np.stack(mels)))
         # The embeddings stay on the device (spliced into the prompt there, kept there in the
         # history); only the small head outputs come to the host.
-        ser, cues, keep = jax.device_get((f.ser_logits, f.cue_logits, f.speech_mask))
-        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues, keep)
+        ser, cues, keep, ids = jax.device_get((f.ser_logits, f.cue_logits, f.speech_mask,
+                                                f.speech_ids))
+        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues, keep, ids)
 
     def heard(self, enc: EncodedTurn) -> Optional[List[str]]:
         """With snapped speech (`projector.snap_to_vocab`), what the LLM reads for each row as
         text (the tokens whose embeddings were spliced, e.g. "How do I cook pancakes");
         None for continuous speech embeddings."""
-        p = self.config.projector
-        if not p.snap_to_vocab:
+        if enc.speech_ids is None:
             return None
-        table = self.params["llm"]["embed_tokens"]["embedding"]
-        out = []
-        for i in range(len(enc.speech)):
-            row = enc.row_speech(i)
-            if row.shape[0] == 0:
-                out.append("")
-                continue
-            # snapped rows are exact table rows: the nearest token is the token itself
-            ids = np.asarray(nearest_tokens(row[None], table, p.snap_vocab))[0]
-            out.append(self.codec.decode([int(t) for t in ids]))
-        return out
+        return [self.codec.decode(enc.row_tokens(i)) for i in range(len(enc.speech))]
 
     def cue_labels(self, enc: EncodedTurn) -> List[Dict[str, str]]:
         """Each row's paralinguistic predictions ({"gender": "female", "age": "young"})."""
@@ -344,7 +343,7 @@ class ChatModel:
             dropped.append(d)
         ids, mask = left_pad(rows, self.codec.pad_id,
                              round_up(max(len(r) for r in rows), self.prompt_bucket))
-        return Prompts(ids, mask, _stack_rows(values_s), _stack_rows(values_q), dropped,
+        return Prompts(ids, mask, stack_rows(values_s), stack_rows(values_q), dropped,
                        analyses, thought if analyses is not None else None)
 
     # -- generation

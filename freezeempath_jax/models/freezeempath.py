@@ -33,6 +33,9 @@ class SpeechFeatures:
     # [B, S] bool, with `projector.snap_compact`: which speech positions the LLM reads (the
     # kept ones are the last of each row); None: all of them.
     speech_mask: Optional[jax.Array] = None
+    # [B, S] int, with `projector.snap_to_vocab`: the token each speech position was snapped to
+    # (in the order of `speech_embeds`), so what the LLM read is known without a second search
+    speech_ids: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -91,8 +94,8 @@ def compact_tokens(speech, ids, silence_id: int = -1, sure=None):
     [B, S] is not `silence_id` and it is `sure` ([B, S] bool, when given); a valid position
     is kept when its token differs from the last valid one before it (a word spread over
     several positions, or split by a short pause, is read once). Returns (speech [B, S, H],
-    mask [B, S] bool) with each row's kept positions moved, in order, to its end (static
-    shapes: a running max and a stable sort, no data-dependent length)."""
+    ids [B, S], mask [B, S] bool) with each row's kept positions moved, in order, to its end
+    (static shapes: a running max and a stable sort, no data-dependent length)."""
     valid = ids != silence_id
     if sure is not None:
         valid = valid & sure
@@ -103,7 +106,7 @@ def compact_tokens(speech, ids, silence_id: int = -1, sure=None):
     keep = valid & (ids != prev)
     order = jnp.argsort(keep, axis=1, stable=True)  # dropped first, kept last, each in order
     return (jnp.take_along_axis(speech, order[..., None], axis=1),
-            jnp.take_along_axis(keep, order, axis=1))
+            jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(keep, order, axis=1))
 
 
 def speech_attention_mask(input_ids, attention_mask, speech_token_id: int, speech_mask):
@@ -147,18 +150,23 @@ class FreezeEmpath(nn.Module):
         """Adapters on (possibly cached) encoder outputs (speech embeddings snapped to the
         LLM's token embeddings when `projector.snap_to_vocab`)."""
         p = self.config.projector
-        speech, speech_mask = self.projector(last_hidden_state), None
+        speech, speech_mask, ids = self.projector(last_hidden_state), None, None
         if p.snap_to_vocab:
             table = self.llm.embed_tokens.embedding
-            ids, ratio = nearest_tokens(speech, table, p.snap_vocab, with_ratio=True)
+            sure = None
+            if p.snap_compact and p.snap_ambiguity < 1.0:  # the ratio only where it is used
+                ids, ratio = nearest_tokens(speech, table, p.snap_vocab, with_ratio=True)
+                sure = ratio <= p.snap_ambiguity
+            else:
+                ids = nearest_tokens(speech, table, p.snap_vocab)
             speech = snap_to_vocab(speech, table, ids)
             if p.snap_compact:
-                sure = ratio <= p.snap_ambiguity if p.snap_ambiguity < 1.0 else None
-                speech, speech_mask = compact_tokens(speech, ids, p.snap_silence_id, sure)
+                speech, ids, speech_mask = compact_tokens(speech, ids, p.snap_silence_id, sure)
         emo = self.emotion(layer_states)
         return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
                               ser_logits=emo.ser_logits, attributes=emo.attributes,
-                              cue_logits=emo.cue_logits, speech_mask=speech_mask)
+                              cue_logits=emo.cue_logits, speech_mask=speech_mask,
+                              speech_ids=ids)
 
     def project_speech(self, last_hidden_state):
         """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs, never
