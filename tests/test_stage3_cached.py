@@ -83,3 +83,36 @@ def test_partly_cached_batches_are_refused():
                      target_len=12, units_len=32)
     with pytest.raises(ValueError, match="lack llm_hidden_prev"):
         b(recs)
+
+
+def test_batches_follow_the_records_token_unit_ends():
+    """Records with `token_unit_ends` (the stage-3 recipe's word timings) get aligned chunks;
+    `data.unit_chunks = "fixed"` (or records without them) the release's fixed chunks."""
+    from freezeempath_jax.models import presets, streaming
+    from freezeempath_jax.text.tokenizers import make_tokenizer
+    from freezeempath_jax.train.batches import BatchBuilder
+
+    recs = _records(2, 0)
+    # 5 and 6 reply tokens, 15 and 18 units: one unit per token (3 < M = 5 a chunk), the
+    # rest after <sep>
+    for r in recs:
+        r["token_unit_ends"] = [i + 1 for i in range(len(r["reply_ids"]))]
+    tok = make_tokenizer(presets.TINY, "byte")
+    n, m = presets.TINY.speech_decoder.stream_n, presets.TINY.speech_decoder.stream_m
+    aligned = BatchBuilder(presets.TINY, "3a", "unit_ce", tok, 10, target_len=12,
+                           units_len=32)(recs)
+    fixed = BatchBuilder(presets.TINY, "3a", "unit_ce", tok, 10, target_len=12, units_len=32,
+                         unit_chunks="fixed")(recs)
+    for row, r in enumerate(recs):
+        t, u = len(r["reply_ids"]), len(r["units"])
+        want = streaming.build_layout(
+            [t], [u], n, m, chunk_ends=[streaming.chunk_ends_from_tokens(
+                r["token_unit_ends"], n)])
+        got = streaming.layout_from_batch({k: v[row:row + 1] for k, v in aligned.items()})
+        assert streaming.describe(got) == streaming.describe(want)
+        assert got.chunk_end.sum() > 0
+        plain = streaming.layout_from_batch({k: v[row:row + 1] for k, v in fixed.items()})
+        assert streaming.describe(plain) == streaming.describe(
+            streaming.build_layout([t], [u], n, m))
+    with pytest.raises(ValueError, match="unit_chunks"):
+        BatchBuilder(presets.TINY, "3a", "unit_ce", tok, 10, unit_chunks="words")

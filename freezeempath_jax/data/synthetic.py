@@ -344,7 +344,8 @@ def render_espeak(
     """Renders `text` with eSpeak NG as float32 in [-1, 1] at 22,050 Hz (no resampling).
 
     With `with_words`, returns (audio, words): each word eSpeak spoke as (its text, its start
-    in seconds), from eSpeak's own word events (exact timings, no forced alignment needed).
+    in seconds, the index in `text` just past it), from eSpeak's own word events (exact
+    timings, no forced alignment needed).
 
     Args:
       text: UTF-8 text in the voice's language.
@@ -369,8 +370,8 @@ def render_espeak(
     if not with_words:
         return audio
     # eSpeak counts characters from 1 in the UTF-8 text it was given
-    words = [(text[pos - 1:pos - 1 + length], ms / 1000.0) for pos, length, ms in events.tolist()
-             if length > 0]
+    words = [(text[pos - 1:pos - 1 + length], ms / 1000.0, pos - 1 + length)
+             for pos, length, ms in events.tolist() if length > 0]
     return audio, words
 
 
@@ -450,9 +451,9 @@ def synthesize(
     if not with_words:
         return audio
     offset, speech_end = lead / SAMPLING_RATE, len(raw) / _SERVER.sample_rate
-    ends = [start for _, start in spoken[1:]] + [speech_end]
+    ends = [start for _, start, _ in spoken[1:]] + [speech_end]
     words = [[w.strip(), round(float(offset + start), 4), round(float(offset + max(end, start)), 4)]
-             for (w, start), end in zip(spoken, ends)]
+             for (w, start, _), end in zip(spoken, ends)]
     return audio, words
 
 

@@ -70,12 +70,14 @@ def demo_speech_decoder(unit_vocab_size: int = 512, max_units: int = 600) -> Spe
     """The CPU demo's speech decoder (stage 3): a 4-layer, 256-wide causal LM over the demo
     codec's units (`models.unit_codec`). It reads SmolLM2's projected hidden states only (no
     text-token embeddings, so its vocabulary is just the units, `<sep>` and EOS):
-    ids 0..K-1 units, K `<sep>`, K+1 EOS."""
+    ids 0..K-1 units, K `<sep>`, K+1 EOS. Stage 3 trains it on aligned chunks
+    (`models.streaming`), so M is a cap: 75 units (1.5 s) hold the speech of 3 tokens even in
+    the slow sad style (measured 30-60 units; longer chunks carry over to the next)."""
     k = int(unit_vocab_size)
     return SpeechDecoderConfig(
         lm=LMConfig(vocab_size=k + 2, hidden_size=256, intermediate_size=768, num_layers=4,
                     num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0,
                     qkv_bias=False, tie_embeddings=True, max_position_embeddings=1024),
-        proj_type="linear", add_token_embeddings=False, stream_n=3, stream_m=15,
+        proj_type="linear", add_token_embeddings=False, stream_n=3, stream_m=75,
         unit_vocab_size=k, sep_token_id=k, unit_offset=0, eos_token_id=k + 1,
         max_length=1024, max_units=max_units)

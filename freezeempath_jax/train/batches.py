@@ -95,7 +95,11 @@ class BatchBuilder:
     def __init__(self, model: FreezeEmpathConfig, stage: str, objective: str, tokenizer,
                  num_speech: int, *, chat_template: str = "plain", target_len: int = 16,
                  teacher_len: int = 96, units_len: int = 64, stage1_template: str = SPEECH,
-                 recipe: Optional[PromptRecipe] = None, dual_thinking: bool = False):
+                 recipe: Optional[PromptRecipe] = None, dual_thinking: bool = False,
+                 unit_chunks: str = "aligned"):
+        if unit_chunks not in ("aligned", "fixed"):
+            raise ValueError(f"data.unit_chunks {unit_chunks!r}: choose 'aligned' or 'fixed'")
+        self.unit_chunks = unit_chunks
         self.model, self.stage, self.objective = model, stage, objective
         self.tok = tokenizer
         self.num_speech = int(num_speech)
@@ -376,11 +380,12 @@ class BatchBuilder:
         b, r_len, u_len = len(records), self.target_len, self.units_len
         text_ids = np.zeros((b, r_len), np.int32)
         unit_ids = np.zeros((b, u_len), np.int32)
-        text_lengths, unit_lengths = [], []
+        text_lengths, unit_lengths, chunk_ends = [], [], []
         for i, (rec, r) in enumerate(zip(records, replies)):
             if rec is None:
                 text_lengths.append(0)
                 unit_lengths.append(0)
+                chunk_ends.append(None)
                 continue
             if rec.get("units") is None:
                 raise ValueError(f"record {rec.get('id', '?')}: stage 3 needs 'units'")
@@ -395,9 +400,10 @@ class BatchBuilder:
             unit_ids[i, :len(units)] = units
             text_lengths.append(len(text))
             unit_lengths.append(len(units))
+            chunk_ends.append(self._chunk_ends(rec, len(text), sd.stream_n))
         seq = streaming.layout_length(r_len, u_len, sd.max_length)
         layout = streaming.build_layout(text_lengths, unit_lengths, sd.stream_n, sd.stream_m,
-                                        sd.max_length, seq_len=seq)
+                                        sd.max_length, seq_len=seq, chunk_ends=chunk_ends)
         out = {"reply_start": np.full((b,), len(self.prompt), np.int32),
                "text_ids": text_ids, "unit_ids": unit_ids}
         out.update(streaming.layout_to_batch(layout))
@@ -405,6 +411,16 @@ class BatchBuilder:
         if hidden is not None:
             out["llm_hidden_prev"] = hidden
         return out
+
+    def _chunk_ends(self, rec, num_text: int, n: int) -> Optional[List[int]]:
+        """The aligned chunks' unit ends of a record (None: fixed chunks)."""
+        ends = rec.get("token_unit_ends")
+        if self.unit_chunks == "fixed" or ends is None:
+            return None
+        if len(ends) < num_text:
+            raise ValueError(f"record {rec.get('id', '?')}: token_unit_ends has {len(ends)} "
+                             f"entries for a reply of {num_text} tokens")
+        return streaming.chunk_ends_from_tokens(ends[:num_text], n)
 
     def _cached_hidden(self, records, text_lengths) -> Optional[np.ndarray]:
         """[B, target_len, H] frozen-LLM states h_{t-1} of each reply token, when every

@@ -178,6 +178,10 @@ def data_section() -> ml_collections.ConfigDict:
     # in training, from the heads' predictions in chat) and the reply follows it
     d.dual_thinking = False
     d.units_len = 64  # stage 3: unit tokens per example
+    # stage 3's streaming layout: "aligned" (each text chunk followed by its own speech, from
+    # the records' `token_unit_ends`; records without them fall back to fixed chunks) or
+    # "fixed" (the release's M units per chunk). See models/streaming.py.
+    d.unit_chunks = "aligned"
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)
     d.shuffle_seed = 0

@@ -6,11 +6,14 @@
 2. every reply is rendered by the emotional TTS (`data.reply_speech`: the style follows the
    user's emotion label);
 3. the unit codec (`models.unit_codec`) is fitted on the training renders (or given) and
-   encodes every render to 50 Hz units.
+   encodes every render to 50 Hz units;
+4. eSpeak's word timings give, for each reply token, the unit where the speech of the words
+   its text completes ends (`token_unit_ends`): the aligned chunks of
+   `models.streaming.aligned_layout_order`, so each text chunk is followed by its own speech.
 
-The records that come out carry `reply_ids`, `units` and `llm_hidden_prev`, which the
-trainer's stage-3 batches read as they are (`BatchBuilder` puts `llm_hidden_prev` in the
-batch; `TrainStep` then skips the LLM).
+The records that come out carry `reply_ids`, `units`, `token_unit_ends` and
+`llm_hidden_prev`, which the trainer's stage-3 batches read as they are (`BatchBuilder` puts
+`llm_hidden_prev` in the batch; `TrainStep` then skips the LLM).
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def replies_with_hidden(chat_model, clips: Sequence[np.ndarray], *, max_new_toke
     return out
 
 
+def token_char_ends(codec, ids: Sequence[int]) -> List[int]:
+    """For each token of a reply, the length of the reply text (`decode(ids).strip()`, the
+    text the TTS reads) up to and including it."""
+    full = codec.decode(list(ids))
+    lead = len(full) - len(full.lstrip())
+    return [max(0, len(codec.decode(list(ids[:i + 1]))) - lead) for i in range(len(ids))]
+
+
+def token_unit_ends(char_ends: Sequence[int], words: Sequence[tuple], num_units: int,
+                    units_per_second: float) -> List[int]:
+    """For each token, the unit where the speech of every word its text completes ends: the
+    start of the first word not yet complete (a word is complete once the text reaches its
+    end), or `num_units` when every word is. words: (character end, start seconds) in order
+    (`render_reply(..., with_words=True)`). Non-decreasing."""
+    out, w = [], 0
+    for end in char_ends:
+        while w < len(words) and words[w][0] <= end:
+            w += 1
+        u = num_units if w == len(words) else int(round(words[w][1] * units_per_second))
+        out.append(min(max(u, out[-1] if out else 0), num_units))
+    return out
+
+
 def stage3_records(chat_model, records: List[dict], clips: Sequence[np.ndarray], *,
                    max_new_tokens: int, codec_config=None, codec_params=None,
                    max_units: Optional[int] = None, batch_size: int = 8, seed: int = 0):
@@ -66,23 +92,26 @@ def stage3_records(chat_model, records: List[dict], clips: Sequence[np.ndarray],
     records: one dict per clip with at least `id` and `emotion` (the user's emotion, which
     picks the reply style). codec_params None: the codec (`codec_config`) is fitted on these
     renders. Records whose reply is empty are dropped (nothing to speak). Returns
-    (records with reply_ids / reply / units / llm_hidden_prev / reply_audio_seconds,
-    (codec config, codec params), reply audio per kept record)."""
+    (records with reply_ids / reply / units / token_unit_ends / llm_hidden_prev /
+    reply_audio_seconds, (codec config, codec params), reply audio per kept record)."""
     replies = replies_with_hidden(chat_model, clips, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
-    kept, audios = [], []
+    kept, audios, timings = [], [], []
     for rec, (ids, hid) in zip(records, replies):
         text = chat_model.codec.decode(ids).strip()
         if not ids or not text:
             log.warning("stage 3: record %s has an empty reply; skipped", rec.get("id"))
             continue
-        audio = render_reply(text, rec["emotion"])
+        audio, words = render_reply(text, rec["emotion"], with_words=True)
         kept.append(dict(rec, reply_ids=list(ids), reply=text, llm_hidden_prev=hid,
                          reply_audio_seconds=len(audio) / 16000.0))
         audios.append(audio)
+        timings.append((token_char_ends(chat_model.codec, ids), words))
     if codec_params is None:
         codec_params = unit_codec.fit(codec_config, audios, seed=seed)
     units = unit_codec.encode_audio(codec_config, codec_params, audios)
-    for rec, u in zip(kept, units):
+    rate = codec_config.sampling_rate / unit_codec.samples_per_unit(codec_config)
+    for rec, u, (char_ends, words) in zip(kept, units, timings):
         rec["units"] = [int(x) for x in (u if max_units is None else u[:max_units])]
+        rec["token_unit_ends"] = token_unit_ends(char_ends, words, len(rec["units"]), rate)
     return kept, (codec_config, codec_params), audios

@@ -27,8 +27,8 @@ Batch keys (all with the batch on axis 0; see `losses` for the targets):
       `attr_mask` [B];
   stage 3: `reply_start` [B] (index of the first reply token in `input_ids`), `text_ids` [B, R]
       (reply tokens), `unit_ids` [B, U], and the streaming layout as `layout_kind`,
-      `layout_index`, `layout_attention_mask`, `layout_loss_mask`, `layout_lengths`
-      (`layout_to_batch`); or `llm_hidden_prev` [B, R, H] precomputed instead of audio+prompt.
+      `layout_index`, `layout_attention_mask`, `layout_loss_mask`, `layout_lengths`,
+      `layout_chunk_end` (`layout_to_batch`); or `llm_hidden_prev` [B, R, H] precomputed instead of audio+prompt.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def _prepare_data(cfg, ts: TrainStep, frozen, raw_train, raw_eval):
         num_speech_tokens(model_cfg, frames), chat_template=cfg.data.chat_template,
         target_len=int(cfg.data.target_len), teacher_len=int(cfg.data.teacher_len),
         units_len=int(cfg.data.units_len), recipe=PromptRecipe.from_config(cfg.data),
-        dual_thinking=dual)
+        dual_thinking=dual, unit_chunks=str(cfg.data.get("unit_chunks", "aligned")))
     builder.encoder_frames = frames
     builder.silence_text = str(cfg.data.get("align_silence", "\n"))
     if ts.train_config.resolved_objective in ("align_ctc", "align_words"):
