@@ -60,12 +60,16 @@ def _records(n, seed):
     return recs
 
 
-def test_stage3_trains_on_cached_states_without_the_llm(tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_stage3_trains_on_cached_states_without_the_llm(tmp_path, aligned):
     cfg = _config(**{"stage": "3a", "data.kind": "memory", "init.llm": _nan_llm(tmp_path / "llm"),
                      "train.steps": 30, "train.log_every": 10, "train.eval_batches": 1,
                      "train.batch_size": 4, "data.target_len": 12, "data.units_len": 32})
-    out = trainer.train(cfg, str(tmp_path / "run"), train_records=_records(16, 0),
-                        eval_records=_records(4, 1))
+    train, evals = _records(16, 0), _records(4, 1)
+    if aligned:  # aligned chunks of 3 units (< M = 5: each chunk ends with an EOS target)
+        for r in train + evals:
+            r["token_unit_ends"] = [i + 1 for i in range(len(r["reply_ids"]))]
+    out = trainer.train(cfg, str(tmp_path / "run"), train_records=train, eval_records=evals)
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
     assert out["step"] == 30
     assert all(np.isfinite(r["loss"]) for r in rows)
