@@ -106,8 +106,9 @@ def aligned_layout_order(num_text: int, num_units: int, chunk_ends: Sequence[int
     """The untruncated aligned layout of one example: ((kind, index) pairs, chunk-end positions).
 
     chunk_ends[c] is the unit index where the speech of text chunk c ends (cumulative, one per
-    chunk before the one holding `<sep>`; clipped to [0, num_units], non-decreasing after
-    clipping). Chunk c takes the units from where chunk c-1 stopped up to its end, at most M
+    chunk before the one holding `<sep>`; an end before where chunk c-1 stopped gives chunk c
+    no units, one past num_units is clipped). Chunk c takes the units from where chunk c-1
+    stopped up to its end, at most M
     (the rest moves on to the next chunk); the chunk with `<sep>` takes every remaining unit
     and EOS. The second list holds the positions whose target is a chunk-ending EOS (their
     chunk got fewer than M units).
