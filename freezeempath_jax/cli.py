@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--mesh", default=None, metavar="DATAxFSDPxTENSOR",
                    help="run sharded over the local devices, e.g. 1x-1x1 (parameters over "
                         "fsdp, as training); the config's mesh.rules map the axes")
-    h.add_argument("--unit-temperature", type=float, default=1.0,
-                   help="temperature of speech-unit sampling (release: 1.0; the CPU "
-                        "demo uses 0.3 for its small, briefly trained decoder)")
+    h.add_argument("--unit-temperature", type=float, default=None,
+                   help="temperature of speech-unit sampling (default: the checkpoint's "
+                        "data.unit_temperature - the demo's stage 3 stores 0.3 for its "
+                        "small decoder - else the release's 1.0)")
     h.set_defaults(fn=_chat)
 
     t = sub.add_parser("transcribe", help="speech recognition with a Whisper checkpoint "

@@ -64,7 +64,8 @@ def _records(n, seed):
 def test_stage3_trains_on_cached_states_without_the_llm(tmp_path, aligned):
     cfg = _config(**{"stage": "3a", "data.kind": "memory", "init.llm": _nan_llm(tmp_path / "llm"),
                      "train.steps": 30, "train.log_every": 10, "train.eval_batches": 1,
-                     "train.batch_size": 4, "data.target_len": 12, "data.units_len": 32})
+                     "train.batch_size": 4, "data.target_len": 12, "data.units_len": 32,
+                     "data.unit_temperature": 0.5})
     train, evals = _records(16, 0), _records(4, 1)
     if aligned:  # aligned chunks of 3 units (< M = 5: each chunk ends with an EOS target)
         for r in train + evals:
@@ -74,6 +75,11 @@ def test_stage3_trains_on_cached_states_without_the_llm(tmp_path, aligned):
     assert out["step"] == 30
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # chat speaks at the unit temperature the recipe stored, unless told otherwise
+    from freezeempath_jax.inference import load_chat_model
+    assert load_chat_model(str(tmp_path / "run")).unit_temperature == 0.5
+    assert load_chat_model(str(tmp_path / "run"),
+                           unit_temperature=0.9).unit_temperature == 0.9
 
 
 def test_partly_cached_batches_are_refused():

@@ -263,7 +263,8 @@ def run_chat(model_path_or_config, input_path: str, output_path: str, *,
     (`projector.snap_to_vocab`, the demo), `heard`: what the LLM read as text.
     mesh: run sharded (a Mesh, a shape or "DATAxFSDPxTENSOR"; see `load_chat_model`).
     unit_temperature: speech-unit sampling temperature of a model loaded here (default the
-    release's 1.0); a ChatModel passed in keeps its own.
+    checkpoint's `data.unit_temperature`, else the release's 1.0); a ChatModel passed in
+    keeps its own.
     """
     items = read_items(input_path)
     check_output(output_path, input_path)

@@ -78,6 +78,9 @@ def model_from_training_config(cfg, workdir: Optional[str] = None,
     kwargs.setdefault("chat_template", get(data, "chat_template", "plain") or "plain")
     # dual thinking follows the recipe the checkpoint was trained with unless the caller says
     kwargs.setdefault("dual_thinking", bool(get(data, "dual_thinking", False)))
+    # the unit temperature the checkpoint's recipe speaks best at (the demo's decoder: 0.3)
+    ut = get(data, "unit_temperature", None)
+    kwargs.setdefault("unit_temperature", 1.0 if ut is None else float(ut))
     kwargs.setdefault("audio_seconds", float(get(data, "audio_seconds", MAX_SECONDS)
                                              or MAX_SECONDS))
     return ChatModel(model_cfg, params, tok, **kwargs)

@@ -182,6 +182,9 @@ def data_section() -> ml_collections.ConfigDict:
     # the records' `token_unit_ends`; records without them fall back to fixed chunks) or
     # "fixed" (the release's M units per chunk). See models/streaming.py.
     d.unit_chunks = "aligned"
+    # chat's default speech-unit sampling temperature for a checkpoint trained with this
+    # config (`chat --unit-temperature` overrides it); the release samples units at 1.0
+    d.unit_temperature = 1.0
     d.tokenizer = "byte"  # "byte" (random tiny models) or a tokenizer directory / gguf file
     d.chat_template = "plain"  # "plain" (tiny byte-level) or "qwen" / "hf" (real tokenizers)
     d.shuffle_seed = 0

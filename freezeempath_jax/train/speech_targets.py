@@ -33,9 +33,10 @@ log = logging.getLogger("freezeempath_jax.train")
 
 
 def replies_with_hidden(chat_model, clips: Sequence[np.ndarray], *, max_new_tokens: int,
-                        batch_size: int = 8):
-    """Greedy replies of `chat_model` to each clip and the LLM state that produced each reply
-    token: [(reply ids without EOS, hidden [len, H] float32)]."""
+                        batch_size: int = 8, temperature: float = 0.0, seed: int = 0):
+    """Replies of `chat_model` to each clip (greedy at temperature 0, else sampled with
+    `seed`) and the LLM state that produced each reply token:
+    [(reply ids without EOS, hidden [len, H] float32)]."""
     c = chat_model.config
     eos = set(chat_model.codec.eos_ids if isinstance(chat_model.codec.eos_ids, (list, tuple))
               else [chat_model.codec.eos_ids])
@@ -48,7 +49,7 @@ def replies_with_hidden(chat_model, clips: Sequence[np.ndarray], *, max_new_toke
                                    jnp.asarray(prompts.speech), jnp.asarray(prompts.emotion))
         gen = sampling_lib.generate_from_embeds(
             c.llm, chat_model.params["llm"], embeds, prompts.mask, keep_hidden=True,
-            max_new_tokens=max_new_tokens, temperature=0.0,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s,
             eos_token_id=chat_model.codec.eos_ids, pad_token_id=chat_model.codec.pad_id)
         toks, lens = np.asarray(gen.tokens), np.asarray(gen.lengths)
         hid = np.asarray(jax.device_get(gen.hidden), np.float32)
@@ -86,27 +87,45 @@ def token_unit_ends(char_ends: Sequence[int], words: Sequence[tuple], num_units:
 
 def stage3_records(chat_model, records: List[dict], clips: Sequence[np.ndarray], *,
                    max_new_tokens: int, codec_config=None, codec_params=None,
-                   max_units: Optional[int] = None, batch_size: int = 8, seed: int = 0):
+                   max_units: Optional[int] = None, batch_size: int = 8, seed: int = 0,
+                   samples: int = 1, sample_temperature: float = 0.8):
     """Records ready for stage 3 and the codec they were encoded with.
 
     records: one dict per clip with at least `id` and `emotion` (the user's emotion, which
-    picks the reply style). codec_params None: the codec (`codec_config`) is fitted on these
-    renders. Records whose reply is empty are dropped (nothing to speak). Returns
-    (records with reply_ids / reply / units / token_unit_ends / llm_hidden_prev /
-    reply_audio_seconds, (codec config, codec params), reply audio per kept record)."""
-    replies = replies_with_hidden(chat_model, clips, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
+    picks the reply style). Each clip is answered greedily (as `chat` answers) and, with
+    `samples` > 1, `samples - 1` more times at `sample_temperature` (seeds from `seed`): more
+    distinct sentences for the speech decoder from the same clips, each with the LLM states
+    that really produced it; a sampled reply equal to one already kept for the clip is
+    dropped, and extra ones get ids `<id>#s<k>`. codec_params None: the codec
+    (`codec_config`) is fitted on these renders. Records whose reply is empty are dropped
+    (nothing to speak). Returns (records with reply_ids / reply / units / token_unit_ends /
+    llm_hidden_prev / reply_audio_seconds, (codec config, codec params), reply audio per kept
+    record)."""
+    if samples < 1:
+        raise ValueError(f"stage3_records: samples must be >= 1, got {samples}")
+    passes = []
+    for k in range(samples):
+        passes.append(replies_with_hidden(
+            chat_model, clips, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            temperature=0.0 if k == 0 else sample_temperature, seed=seed + 1000 * k))
     kept, audios, timings = [], [], []
-    for rec, (ids, hid) in zip(records, replies):
-        text = chat_model.codec.decode(ids).strip()
-        if not ids or not text:
-            log.warning("stage 3: record %s has an empty reply; skipped", rec.get("id"))
-            continue
-        audio, words = render_reply(text, rec["emotion"], with_words=True)
-        kept.append(dict(rec, reply_ids=list(ids), reply=text, llm_hidden_prev=hid,
-                         reply_audio_seconds=len(audio) / 16000.0))
-        audios.append(audio)
-        timings.append((token_char_ends(chat_model.codec, ids), words))
+    for i, rec in enumerate(records):
+        seen = set()
+        for k, replies in enumerate(passes):
+            ids, hid = replies[i]
+            rid = rec.get("id") if k == 0 else f"{rec.get('id')}#s{k}"
+            text = chat_model.codec.decode(ids).strip()
+            if not ids or not text:
+                log.warning("stage 3: record %s has an empty reply; skipped", rid)
+                continue
+            if tuple(ids) in seen:
+                continue
+            seen.add(tuple(ids))
+            audio, words = render_reply(text, rec["emotion"], with_words=True)
+            kept.append(dict(rec, id=rid, reply_ids=list(ids), reply=text, llm_hidden_prev=hid,
+                             reply_audio_seconds=len(audio) / 16000.0))
+            audios.append(audio)
+            timings.append((token_char_ends(chat_model.codec, ids), words))
     if codec_params is None:
         codec_params = unit_codec.fit(codec_config, audios, seed=seed)
     units = unit_codec.encode_audio(codec_config, codec_params, audios)
