@@ -547,7 +547,8 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
 # ones at every point. The decoder learns to pronounce from the replies it hears: it needs
 # more replies and steps than a CPU demo has, which is why `--speech` is optional.
 # samples: replies per clip (the greedy one plus sampled ones, `stage3_records`); 4 gave 4.6x
-# the distinct replies but no better WER at 500 steps (0.89 vs 0.91, docs/speech_out.md).
+# the distinct replies but no better WER (500 steps 0.89 vs 0.91; 1000 steps 0.94 vs 0.74:
+# held-out replies are greedy, formulaic ones; docs/speech_out.md).
 SPEECH_RECIPES = {
     "full": dict(clips=480, lr=2e-3, batch_size=8, steps=1000, samples=1),
     "quick": dict(clips=64, lr=2e-3, batch_size=8, steps=200, samples=1),
