@@ -3,37 +3,20 @@ and real speech: the greedy reply comes first for every clip, sampled replies ad
 sentences with the states that produced them, every record is ready for aligned chunks, and
 the same seed gives the same records."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from freezeempath_jax import inference as chat
 from freezeempath_jax.audio import load_audio
-from freezeempath_jax.checkpoints.model_tree import init_boxed_params
 from freezeempath_jax.models import presets
 from freezeempath_jax.models.configs import UnitCodecConfig
 from freezeempath_jax.text import ByteTokenizer
 from freezeempath_jax.train.speech_targets import replies_with_hidden, stage3_records
+from test_chat import _random_params  # numpy-random TINY parameters
 
 CFG = presets.TINY
 CODEC = UnitCodecConfig(codebook_size=8, griffin_lim_iters=4, length_bucket=16)
 NAMES = ("helpful_base_1", "vicuna_2", "helpful_base_4")
-
-
-def _params(seed=0):
-    shapes = nn.meta.unbox(jax.eval_shape(lambda r: init_boxed_params(CFG, r),
-                                          jax.random.PRNGKey(0)))
-    rng = np.random.RandomState(seed)
-
-    def make(path, s):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.asarray(1.0 + 0.1 * rng.randn(*s.shape), s.dtype)
-        return jnp.asarray((1.0 if "embedding" in name else 0.1) * rng.randn(*s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 class _LetterTokenizer(ByteTokenizer):
@@ -48,7 +31,7 @@ class _LetterTokenizer(ByteTokenizer):
 @pytest.fixture
 def setup(shared_audio_dir):
     tok = _LetterTokenizer(CFG.llm.vocab_size, CFG.speech_token_id, CFG.emotion_token_id)
-    model = chat.ChatModel(CFG, _params(), tok, chat_template="plain", audio_seconds=3.0)
+    model = chat.ChatModel(CFG, _random_params(), tok, chat_template="plain", audio_seconds=3.0)
     recs = [{"id": n, "emotion": e} for n, e in zip(NAMES, ("sad", "happy", "neutral"))]
     clips = [load_audio(str(shared_audio_dir / f"{n}.wav"))[:48000] for n in NAMES]
     return model, recs, clips
