@@ -8,8 +8,10 @@ and emotion extractor are trained around them on a synthetic eSpeak corpus:
 2. the frozen LLM writes its own targets (the trainer self-distils replies);
 3. a word-timed alignment warm-up ("align") trains the projector so that the LLM reads the
    speech as the words spoken (snapped to token embeddings, repeats and silence dropped); a
-   SER-only warm-up then stages 2a and 2b train the emotion extractor (the real training
-   code; frozen encoder outputs are computed once per stage and reused by every step);
+   SER-only warm-up ("ser") trains the emotion extractor, whose recognised class the LLM
+   reads as the 2b teacher's words (" (I feel sad.)"; `emotion.snap_phrases`), so stages
+   2a and 2b, whose LLM loss would reach nothing else, are not run (the real training code;
+   frozen encoder outputs are computed once per stage and reused by every step);
 4. held-out clips: SER accuracy and confusion matrix; one sentence spoken in every emotion,
    answered side by side;
 5. `chat` on held-out clips and on `../shared/audio/` when present.
@@ -20,6 +22,7 @@ replies.md). A second run reuses the corpus and every finished stage.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,10 +38,11 @@ log = logging.getLogger(__name__)
 # CPU-sized recipe: every step that reaches the LLM runs the 135M LLM forward and its
 # input-gradient backward for 8 prompts of ~70 tokens (2 s on a 2-core AVX-512 Xeon, 5 s on a
 # 2-core AVX2 EPYC), so those steps are counted in tens; 2a and 2b are kept short (stage 1's
-# recipe stays for `demo_config("1")`; the demo runs "align" instead).
-# Before 2a, a warm-up ("ser": the 2a trainable table with the `ser_ce` objective) trains the
-# emotion extractor on the SER head's CE alone, which never reaches the LLM (a few ms a step);
-# 2a then teaches the LLM-facing side. "quick" is CI's reduced run.
+# recipe stays for `demo_config("1")`; the demo runs "align" instead; the 2a / 2b recipes stay
+# for `demo_config("2a" / "2b")`, which the demo does not run, see STAGES).
+# The "ser" warm-up (the 2a trainable table with the `ser_ce` objective) trains the emotion
+# extractor on the SER head's CE alone, which never reaches the LLM (a few ms a step).
+# "quick" is CI's reduced run.
 # Measured (held-out SER on 60 clips): without the warm-up, 96 steps of 2a at lr 1e-3 gave
 # 0.75-0.92 across runs and seeds (lr 3e-3 swung from 0.73 to 0.90). The warm-up alone reaches
 # 0.90-0.93; then the quick recipe (24 steps of 2a) ended at 0.917 and 40 steps at 0.867, each
@@ -66,7 +70,16 @@ RECIPES = {
 # snapped and compacted 0.47; the topic word is in the compacted text of 95% of the clips.
 # Stage 1 is left out: its CE steps through the LLM (straight-through) undid the alignment
 # (0.47 -> 0.10); 2a and 2b train only the emotion side, so the alignment stays as trained.
-STAGES = ("align", "ser", "2a", "2b")
+#
+# Stages 2a and 2b are not run: the LLM reads the recognised emotion as words
+# (`emotion.snap_phrases`, DEMO_USER_TEMPLATE below), a discrete choice no LLM loss
+# reaches, so they would only repeat the SER CE at the price of LLM passes. With the
+# continuous embedding (12-03 morning: align, ser, 2a 48 steps, 2b 16) the held-out replies
+# acknowledged sad / angry feelings 19% of the time vs 12% for neutral; a straight-through
+# estimate of the phrase choice let 2a / 2b train the SER head through the LLM and undid it
+# (the reduced run's SER CE rose from 0.71 to 2.65 in 24 steps of 2a, held-out SER 0.77).
+STAGES = ("align", "ser")
+FINAL_STAGE = STAGES[-1]  # the chat model: `workdir/stage_<FINAL_STAGE>`
 # Clips per emotion: the alignment generalises with 256 (held-out position accuracy 0.89)
 # and memorises with 64 (0.46); CI's quick run keeps 64.
 CORPUS = {"full": 256, "quick": 64}
@@ -91,23 +104,45 @@ WARMUP = 0.1  # of the steps; the default 3% is about 3 steps here
 # sad and angry feelings (84% / 91%, plain 20%). "... Answer the user's question." made
 # replies talk about "the user's question" (third person, counted as describing the speaker).
 DEMO_SYSTEM_PROMPT = "You are a helpful and caring assistant. Answer the question."
-# The chat turn: the emotion embedding, then the speech read as text. With the release's
-# "<speech>(with a <emotion> emotional tone)." SmolLM2 echoes the template around the
-# embedding it cannot read as a word ("Enjoying tennis with a 20-20 emotional tone ..."); with
-# the embedding first and the question last it answers the question (held-out topic 0.475 vs
-# 0.45 on the same alignment, acknowledgement 31% / 12% vs 38% / 12%, README).
-DEMO_USER_TEMPLATE = "<emotion><speech>"
+# The emotion as SmolLM2 reads it (`emotion.snap_phrases`): the recognised class's words,
+# the same words the 2b teacher reads after the transcript, nothing for neutral (its teacher
+# reads the plain question). So the chat turn reads like the teacher's text, e.g.
+# "How do I cook pancakes? (I feel sad.)". Measured on 32 held-out questions read as text
+# (greedy, 32 tokens; acknowledging / naming the topic): plain 0.16 / 0.78, "(I feel sad.)"
+# 0.91 / 0.81, angry 0.97 / 0.59, happy 0.38 / 0.84, surprised 0.66 / 0.72, "(I feel
+# neutral.)" 0.34 / 0.81 (hence nothing for neutral). With a learned continuous embedding in
+# that slot SmolLM2 rarely opened with the acknowledgement its teacher text gives it (19% of
+# sad / angry vs 12% of neutral replies, README) and echoed templates around it.
+EMOTION_PHRASE = " (I feel {emotion}.)"
+# The chat turn: the speech read as text, its question mark, the emotion's phrase.
+DEMO_USER_TEMPLATE = "<speech>?<emotion>"
+
+
+def emotion_phrases(tokenizer, emotions) -> tuple:
+    """`emotion.snap_phrases` of the demo: per class the token ids of EMOTION_PHRASE, none
+    for neutral (what the teacher reads, `teacher_neutral_plain`)."""
+    return tuple(() if e == "neutral" else
+                 tuple(int(t) for t in tokenizer.encode(EMOTION_PHRASE.format(emotion=e)))
+                 for e in emotions)
 SIDE_BY_SIDE = "I just found out what happened to my old friend."
+
+
+@functools.lru_cache(maxsize=1)
+def demo_tokenizer():
+    """SmolLM2's tokenizer, built once per process (rebuilding it from the GGUF file takes
+    ~10 s on 2 cores, and every stage's config needs it)."""
+    from freezeempath_jax.real_models import smollm2_gguf
+    from freezeempath_jax.text.tokenizers import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf())
 
 
 def snap_vocabulary(data_dir: str) -> tuple:
     """The token ids snapping chooses from: every token of the corpus's training transcripts
     (what `align_words` classifies over) and the silence token."""
     from freezeempath_jax.data.manifests import read_manifest
-    from freezeempath_jax.real_models import smollm2_gguf
-    from freezeempath_jax.text.tokenizers import load_tokenizer
 
-    tok = load_tokenizer(smollm2_gguf())
+    tok = demo_tokenizer()
     recs = read_manifest(os.path.join(data_dir, "train.jsonl"))
     ids = {int(t) for r in recs if r.get("transcript") for t in tok.encode(r["transcript"])}
     return tuple(sorted(ids | {SILENCE_TOKEN_ID}))
@@ -134,8 +169,10 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
         stage, recipes["1"] = "1", dict(RECIPES[size]["align"], objective="align_words")
     # Projector k=10: 4 s clips -> 200 encoder frames -> 20 speech tokens (the demo's own,
     # freshly trained projector; the release uses k=5 on 30 s inputs).
+    phrases = emotion_phrases(demo_tokenizer(), presets.DEMO_SMALL.emotions)
     model = dataclasses.replace(
         presets.DEMO_SMALL,
+        emotion=dataclasses.replace(presets.DEMO_SMALL.emotion, snap_phrases=phrases),
         projector=dataclasses.replace(
             presets.DEMO_SMALL.projector, k=10, snap_to_vocab=True, snap_compact=True,
             snap_silence_id=SILENCE_TOKEN_ID, snap_ambiguity=SNAP_AMBIGUITY,
@@ -168,8 +205,8 @@ def demo_config(stage: str, *, quick: bool = False, data_dir: Optional[str] = No
     # SmolLM2-135M as the 2b teacher: with the release's "(with a sad emotional tone)." it
     # answers without acknowledging the feeling; a first-person "(I feel sad.)" makes it open
     # with an acknowledgement ("I'm sorry ...") and still answer. Neutral clips get the plain
-    # transcript, so their target is a plain answer.
-    d.teacher_emotion_template = "{transcript} (I feel {emotion}.)"
+    # transcript, so their target is a plain answer. The student reads the same phrase.
+    d.teacher_emotion_template = "{transcript}" + EMOTION_PHRASE
     d.teacher_neutral_plain = True
     return c
 
@@ -203,7 +240,7 @@ def _read_metrics(stage_dir: str) -> List[dict]:
 
 
 def train_stages(workdir: str, quick: bool = False, seed: int = 0) -> Dict[str, dict]:
-    """Runs stages align (content alignment), ser (the SER-only warm-up), 2a, 2b in
+    """Runs the STAGES, align (content alignment) and ser (the SER-only warm-up), in
     `workdir/stage_*` (each initialised from the ones before); a stage already finished there
     is skipped. Returns each stage's final metrics."""
     from freezeempath_jax.train import trainer
@@ -418,7 +455,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
     if speech:
         stages["3"] = train_speech_stage(workdir, quick=quick)
     t_train = time.perf_counter() - tic
-    final_dir = os.path.join(workdir, "stage_2b")
+    final_dir = os.path.join(workdir, f"stage_{FINAL_STAGE}")
     print("[demo] evaluating", flush=True)
     bot = load_chat_model(final_dir)
     data_dir = os.path.join(workdir, "data")
@@ -497,7 +534,9 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
               f"emotion: {u['differs_with_emotion']:.0%}; acknowledging the feeling: "
               f"{u['acknowledgement_sad_angry']:.0%} of sad/angry vs "
               f"{u['acknowledgement_neutral']:.0%} of neutral inputs. Topic word in what the "
-              f"LLM read (`heard`): {u['topic_heard_rate']:.0%}.", "",
+              f"LLM read (`heard`): {u['topic_heard_rate']:.0%}. After the speech the LLM "
+              f"reads the recognised emotion as words (\"{EMOTION_PHRASE.strip()}\", "
+              "nothing for neutral; `emotion.snap_phrases`).", "",
               "| question (topic) | spoken as | SER says | LLM read | reply |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['question']} ({r['topic']}) | {r['spoken_emotion']} | "
@@ -533,7 +572,7 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
 # ---------------------------------------------------------------------------------------------
 # Stage 3: speech out (the chatbot speaks its reply)
 #
-# After 2b the trained chat model answers training clips greedily; the frozen LLM's state
+# After the last stage the trained chat model answers training clips greedily; the frozen LLM's state
 # before each reply token is cached once; each reply is rendered by eSpeak in the style the
 # user's emotion calls for (`data.reply_speech`) and encoded by the demo's unit codec
 # (`models.unit_codec`, fitted here on those renders); the trainer's stage 3a then trains the
@@ -582,7 +621,7 @@ def codec_config():
 
 def speech_stage_config(quick: bool, previous: tuple, data_dir: str, cache_dir: str,
                         recipe: Optional[str] = None):
-    """Training config of stage 3a: the 2b model plus the demo speech decoder, records
+    """Training config of stage 3a: the chat model plus the demo speech decoder, records
     passed in memory (`train_speech_stage`). recipe: a key of SPEECH_RECIPES (default
     "quick" or "full" after `quick`)."""
     from freezeempath_jax.models import presets
@@ -642,7 +681,7 @@ def train_speech_stage(workdir: str, quick: bool = False, recipe: Optional[str] 
     train = _stratified(read_manifest(os.path.join(data_dir, "train.jsonl")), n)
     evals = _stratified(read_manifest(os.path.join(data_dir, "validation.jsonl")), 8)
     tic = time.perf_counter()
-    bot = load_chat_model(os.path.join(workdir, "stage_2b"))
+    bot = load_chat_model(os.path.join(workdir, f"stage_{FINAL_STAGE}"))
     recs = train + evals
     clips = [load_audio(r["audio"]) for r in recs]
     cost = {}

@@ -16,7 +16,7 @@ from freezeempath_jax.checkpoints.model_tree import abstract_boxed_params, host_
 from freezeempath_jax.inference import sampling as sampling_lib
 from freezeempath_jax.models import presets
 from freezeempath_jax.models.freezeempath import (FreezeEmpath, compact_tokens, nearest_tokens,
-                                                  speech_attention_mask)
+                                                  placeholder_attention_mask)
 from freezeempath_jax.text import ByteTokenizer
 from freezeempath_jax.text.padding import left_pad
 
@@ -46,12 +46,12 @@ def test_compact_tokens_keeps_the_first_of_each_run_and_drops_silence():
     assert int(keep[0].sum()) == 2  # 5, 7 (the final 3 is unsure)
 
 
-def test_speech_attention_mask_punches_holes_only_at_dropped_speech_slots():
+def test_placeholder_attention_mask_punches_holes_only_at_dropped_speech_slots():
     s = CFG.speech_token_id
     ids = jnp.asarray([[0, 1, s, s, s, 2], [1, 2, s, s, s, 3]])
     attn = jnp.asarray([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     keep = jnp.asarray([[False, True, True], [False, False, True]])
-    np.testing.assert_array_equal(np.asarray(speech_attention_mask(ids, attn, s, keep)),
+    np.testing.assert_array_equal(np.asarray(placeholder_attention_mask(ids, attn, s, keep)),
                                   [[0, 1, 0, 1, 1, 1], [1, 1, 0, 0, 1, 1]])
 
 
@@ -103,33 +103,46 @@ def test_compacted_speech_is_read_exactly_as_its_tokens_written_as_text():
                            atol=1e-3)
 
 
-def test_chat_with_compaction_answers_as_if_the_tokens_were_typed():
-    """`respond` puts only the kept positions in the prompt (rows of different lengths in
-    one batch) and its greedy reply equals generation from the prompt with those tokens as
-    text; the conversation keeps the kept embeddings for the next turn."""
-    cfg, params, mel, kept = _setup()
+def chat_two_clips(cfg, params, mel):
+    """A ChatModel of `cfg` (byte tokenizer, plain frame), its greedy first-turn replies to
+    the two clips of `mel` [2, n_mels, frames] in fresh conversations, and their encoding:
+    (chat model, clips, conversations, replies, EncodedTurn)."""
     tok = ByteTokenizer(CFG.llm.vocab_size, CFG.speech_token_id, CFG.emotion_token_id)
     cm = chat.ChatModel(cfg, params, tok, chat_template="plain", audio_seconds=SECONDS)
     mels = [np.asarray(m) for m in mel]
     convs = [chat.Conversation(), chat.Conversation()]
     replies = cm.respond(mels, convs, max_new_tokens=6, temperature=0.0, speech=False)
-    enc = cm.encode(mels, 2)
+    return cm, mels, convs, replies, cm.encode(mels, 2)
+
+
+def greedy_reference(cm, rows, speech, emotion, max_new_tokens: int = 6):
+    """Greedy reply ids of prompt `rows` (left-padded here) with `speech` / `emotion` values
+    spliced, generated directly from the embeddings (the reference chat must equal)."""
+    ids, mask = left_pad(rows, cm.codec.pad_id, max(len(r) for r in rows))
+    emb = cm._embed(cm.params, jnp.asarray(ids), speech, emotion)
+    ref = sampling_lib.generate_from_embeds(cm.config.llm, cm.params["llm"], emb,
+                                            jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                                            temperature=0.0, eos_token_id=cm.codec.eos_ids,
+                                            pad_token_id=cm.codec.pad_id)
+    toks, lens = np.asarray(ref.tokens), np.asarray(ref.lengths)
+    return [toks[i, :lens[i]].tolist() for i in range(len(rows))]
+
+
+def test_chat_with_compaction_answers_as_if_the_tokens_were_typed():
+    """`respond` puts only the kept positions in the prompt (rows of different lengths in
+    one batch) and its greedy reply equals generation from the prompt with those tokens as
+    text; the conversation keeps the kept embeddings for the next turn."""
+    cfg, params, mel, kept = _setup()
+    cm, mels, convs, replies, enc = chat_two_clips(cfg, params, mel)
     assert [len(enc.row_speech(i)) for i in range(2)] == [len(k) for k in kept]
     rows = []
     for k in kept:
         ids = cm.prompt_ids([], len(k), enc.emotion.shape[1])
         it = iter(k)
         rows.append([next(it) if t == cfg.speech_token_id else t for t in ids])
-    ids, mask = left_pad(rows, cm.codec.pad_id, max(len(r) for r in rows))
-    emb = cm._embed(params, jnp.asarray(ids), jnp.zeros((2, 1, cfg.llm.hidden_size)),
-                    enc.emotion)
-    ref = sampling_lib.generate_from_embeds(cfg.llm, params["llm"], emb, jnp.asarray(mask),
-                                            max_new_tokens=6, temperature=0.0,
-                                            eos_token_id=cm.codec.eos_ids,
-                                            pad_token_id=cm.codec.pad_id)
-    toks, lens = np.asarray(ref.tokens), np.asarray(ref.lengths)
+    ref = greedy_reference(cm, rows, jnp.zeros((2, 1, cfg.llm.hidden_size)), enc.emotion)
     for i, r in enumerate(replies):
-        assert r.text_ids == toks[i, :lens[i]].tolist()
+        assert r.text_ids == ref[i]
         assert r.heard == cm.codec.decode(kept[i])  # what the LLM read, reported
         assert convs[i].turns[-1].speech_embeds.shape[0] == len(kept[i])
     # a second turn splices the first turn's kept embeddings from the history

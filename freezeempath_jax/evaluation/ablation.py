@@ -65,8 +65,8 @@ def evaluate_ablation(chat_model, records: List[dict], *, judge=None, batch_size
         it["random_label"] = labels[int(rng.integers(len(labels)))]
         it["replies"] = {}
     # the emotion embeddings of every clip first: setting 6 gives each item another's
-    emo = np.concatenate([emotion_embeddings(chat_model, list(p), batch_size)
-                          for p in batches(clips, batch_size)]) if clips else None
+    emo = [e for p in batches(clips, batch_size)
+           for e in emotion_embeddings(chat_model, list(p), batch_size)]
     perm = _permutation(len(items), seed)
     kw = dict(width=batch_size, max_new_tokens=max_new_tokens)
     with tqdm(total=len(items) * len(SETTINGS), desc="ablation", unit="reply",
@@ -86,7 +86,7 @@ def evaluate_ablation(chat_model, records: List[dict], *, judge=None, batch_size
                 "speech_zero_emotion": speech_replies(chat_model, pc, emotion="zero", **kw),
                 "speech_shuffled_emotion": speech_replies(
                     chat_model, pc, emotion="given",
-                    emotion_values=emo[perm[start:start + len(part)]], **kw),
+                    emotion_values=[emo[j] for j in perm[start:start + len(part)]], **kw),
             }
             for setting, texts_out in out.items():
                 for it, t in zip(part, texts_out):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from freezeempath_jax.inference import sampling as sampling_lib
@@ -51,41 +52,48 @@ def _generate(cm: ChatModel, rows: List[List[int]], speech: np.ndarray, emotion:
 
 def speech_replies(cm: ChatModel, clips: Sequence[np.ndarray], *, width: int,
                    max_new_tokens: int, emotion: str = "model",
-                   emotion_values: Optional[np.ndarray] = None) -> List[str]:
-    """Greedy replies to clips under the chat template. emotion: "model" (the embedding the
-    model computes; equals `respond(..., temperature=0)`), "zero" (the embedding zeroed,
-    everything else fixed), "given" (`emotion_values [B, Q, H]`, e.g. another clip's)."""
+                   emotion_values: Optional[Sequence[np.ndarray]] = None) -> List[str]:
+    """Greedy replies to clips under the chat template. emotion: "model" (the embeddings the
+    model computes; equals `respond(..., temperature=0)`), "zero" (those embeddings zeroed,
+    everything else fixed), "given" (`emotion_values`, one [Q_i, H] array per clip, e.g.
+    another clip's from `emotion_embeddings`)."""
+    if emotion not in ("model", "zero", "given"):
+        raise ValueError(f"emotion={emotion!r}: choose model, zero or given")
+    if emotion == "given" and (emotion_values is None or len(emotion_values) != len(clips)):
+        raise ValueError(f"emotion='given' needs one emotion value per clip ({len(clips)})")
     enc = cm.encode(list(clips), width)
     n = len(clips)
-    q_count = enc.emotion.shape[1]
-    emo = enc.emotion[:n]
+    # compacted speech and snapped emotion phrases differ in length from row to row
+    speech = [enc.row_speech(i) for i in range(n)]
+    emo_rows = ([jnp.asarray(v) for v in emotion_values] if emotion == "given"
+                else [enc.row_emotion(i) for i in range(n)])
+    emo = np.asarray(stack_rows(emo_rows))
     if emotion == "zero":
         emo = np.zeros_like(emo)
-    elif emotion == "given":
-        emo = np.asarray(emotion_values, enc.emotion.dtype)
-    elif emotion != "model":
-        raise ValueError(f"emotion={emotion!r}: choose model, zero or given")
-    speech = [enc.row_speech(i) for i in range(n)]  # compacted rows differ in length
-    rows = [turn_ids(cm, cm.config.user_template, len(v), q_count) for v in speech]
+    rows = [turn_ids(cm, cm.config.user_template, len(v), len(q))
+            for v, q in zip(speech, emo_rows)]
     return _generate(cm, rows, np.asarray(stack_rows(speech)), emo, width, max_new_tokens)
 
 
-def emotion_embeddings(cm: ChatModel, clips: Sequence[np.ndarray], width: int) -> np.ndarray:
-    """The emotion embeddings [B, Q, H] the model computes for clips."""
-    return cm.encode(list(clips), width).emotion[:len(clips)]
+def emotion_embeddings(cm: ChatModel, clips: Sequence[np.ndarray], width: int
+                       ) -> List[np.ndarray]:
+    """The emotion embeddings the model splices for each clip, one [Q_i, H] array per clip
+    (Q_i = Q, or the recognised class's phrase length with `emotion.snap_phrases`)."""
+    enc = cm.encode(list(clips), width)
+    return [np.asarray(enc.row_emotion(i)) for i in range(len(clips))]
 
 
 def transcript_feature_replies(cm: ChatModel, transcripts: Sequence[str],
-                               emotion_values: np.ndarray, *, width: int,
+                               emotion_values: Sequence[np.ndarray], *, width: int,
                                max_new_tokens: int) -> List[str]:
     """Table 5 setting 2: the user template with the transcript written where `<speech>` was,
-    and the clip's emotion embedding spliced at `<emotion>`."""
-    q_count = emotion_values.shape[1]
-    rows = [turn_ids(cm, cm.config.user_template.replace(SPEECH, t), 0, q_count)
-            for t in transcripts]
-    h = cm.config.llm.hidden_size
-    speech = np.zeros((len(rows), 1, h), emotion_values.dtype)  # no speech slot to fill
-    return _generate(cm, rows, speech, emotion_values, width, max_new_tokens)
+    and the clip's emotion embeddings (one [Q_i, H] array per transcript) spliced at
+    `<emotion>`."""
+    rows = [turn_ids(cm, cm.config.user_template.replace(SPEECH, t), 0, len(v))
+            for t, v in zip(transcripts, emotion_values)]
+    emo = np.asarray(stack_rows([jnp.asarray(v) for v in emotion_values]))
+    speech = np.zeros((len(rows), 1, emo.shape[-1]), emo.dtype)  # no speech slot to fill
+    return _generate(cm, rows, speech, emo, width, max_new_tokens)
 
 
 def text_replies(cm: ChatModel, contents: Sequence[str], *, width: int,

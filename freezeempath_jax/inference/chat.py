@@ -111,11 +111,20 @@ class EncodedTurn:
     # [W, S] bool on the host with `projector.snap_compact` (kept positions last); None: all
     speech_mask: Optional[np.ndarray] = None
     speech_ids: Optional[np.ndarray] = None  # [W, S] snapped token ids (host), or None
+    # [W, Q] bool on the host with `emotion.snap_phrases` (the phrase's slots last); None: all
+    emotion_mask: Optional[np.ndarray] = None
 
     def _kept(self, i: int) -> int:
         """Row i's first position the LLM reads (0, or the first kept one with compaction)."""
         return 0 if self.speech_mask is None else int(
             self.speech.shape[1] - np.sum(self.speech_mask[i]))
+
+    def row_emotion(self, i: int) -> jax.Array:
+        """Row i's emotion embeddings as the LLM reads them [Q_i, H]: all Q, or with snapped
+        phrases only the recognised class's phrase (empty for an empty phrase)."""
+        start = 0 if self.emotion_mask is None else int(
+            self.emotion.shape[1] - np.sum(self.emotion_mask[i]))
+        return self.emotion[i, start:]
 
     def row_speech(self, i: int) -> jax.Array:
         """Row i's speech embeddings as the LLM reads them [S_i, H]: all S, or with
@@ -231,9 +240,10 @@ class ChatModel:
             f = self._encode(self.params, jnp.asarray(np.stack(mels)))
         # The embeddings stay on the device (spliced into the prompt there, kept there in the
         # history); only the small head outputs come to the host.
-        ser, cues, keep, ids = jax.device_get((f.ser_logits, f.cue_logits, f.speech_mask,
-                                                f.speech_ids))
-        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues, keep, ids)
+        ser, cues, keep, ids, emo_keep = jax.device_get((f.ser_logits, f.cue_logits,
+                                                          f.speech_mask, f.speech_ids,
+                                                          f.emotion_mask))
+        return EncodedTurn(f.speech_embeds, f.emotion_embedding, ser, cues, keep, ids, emo_keep)
 
     def heard(self, enc: EncodedTurn) -> Optional[List[str]]:
         """With snapped speech (`projector.snap_to_vocab`), what the LLM reads for each row as
@@ -321,7 +331,6 @@ class ChatModel:
         -> left-padded ids (length bucketed to `prompt_bucket`) and the embeddings of every
         spliced turn."""
         width = len(enc.speech)
-        q_count = enc.emotion.shape[1]
         analyses = self.analyses(enc) if self.dual_thinking else None
         thought = ([self.codec.encode(dual_thinking_prefix(a)) for a in analyses]
                    if analyses is not None else [[] for _ in range(width)])
@@ -329,8 +338,8 @@ class ChatModel:
         for i in range(width):
             conv = (conversations[i] if conversations is not None and i < n_real
                     else Conversation())
-            speech_i = enc.row_speech(i)
-            kept, ids, d = self._fit(conv, len(speech_i), q_count,
+            speech_i, emotion_i = enc.row_speech(i), enc.row_emotion(i)
+            kept, ids, d = self._fit(conv, len(speech_i), len(emotion_i),
                                      max_new_tokens + len(thought[i]))
             ids = ids + thought[i]
             spliced = [t for t in kept if self.history == "embeddings"
@@ -338,7 +347,7 @@ class ChatModel:
             values_s.append(jnp.concatenate([jnp.asarray(t.speech_embeds) for t in spliced]
                                             + [speech_i]))
             values_q.append(jnp.concatenate([jnp.asarray(t.emotion_embedding)
-                                             for t in spliced] + [enc.emotion[i]]))
+                                             for t in spliced] + [emotion_i]))
             rows.append(ids)
             dropped.append(d)
         ids, mask = left_pad(rows, self.codec.pad_id,
@@ -481,7 +490,7 @@ class ChatModel:
                 emotion=r.emotion,
                 transcript=None if transcripts is None else transcripts[i],
                 speech_embeds=enc.row_speech(i) if keep_emb else None,
-                emotion_embedding=enc.emotion[i] if keep_emb else None))
+                emotion_embedding=enc.row_emotion(i) if keep_emb else None))
 
 
 class Chatbot:

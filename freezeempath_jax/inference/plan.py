@@ -132,7 +132,7 @@ def plan_turn(config: FreezeEmpathConfig, mesh_shape: Sequence[int], devices=Non
             x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=s),
         nn.meta.unbox(boxed), shardings)
     frames = 2 * config.whisper.max_source_positions  # 30 s: the clip length chat pads to
-    prompt = int(-(-(config.num_speech_tokens + config.emotion.num_queries + text_tokens)
+    prompt = int(-(-(config.num_speech_tokens + config.emotion.num_tokens + text_tokens)
                    // 32) * 32)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     args = (params,

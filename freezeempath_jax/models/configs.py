@@ -177,6 +177,18 @@ class EmotionConfig:
     # table [classes, H]) right after the emotion embedding: the prompt then holds
     # `num_tokens` emotion placeholders instead of `num_queries`.
     splice_cues: bool = False
+    # The emotion read as words (a demo-scale option, like `projector.snap_to_vocab`): per
+    # class, in the model's `emotions` order, the token ids the LLM reads in place of the
+    # emotion embedding, e.g. " (I feel sad.)" for sad and () (nothing) for neutral. The
+    # recognised class (SER argmax) picks the phrase, a discrete choice with no gradient: the
+    # SER head learns from its CE (`ser_ce`), and stages 2a / 2b have nothing else to train
+    # in the extractor. Empty: the paper's continuous emotion embedding.
+    snap_phrases: Tuple[Tuple[int, ...], ...] = ()
+
+    @property
+    def phrase_len(self) -> int:
+        """Emotion slots with `snap_phrases`: the longest phrase (at least 1)."""
+        return max([1] + [len(p) for p in self.snap_phrases])
 
     @property
     def cue_heads(self) -> Tuple[Tuple[str, int], ...]:
@@ -186,8 +198,10 @@ class EmotionConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Emotion placeholders per prompt: the Q queries, plus one per spliced cue head."""
-        return self.num_queries + (len(self.cue_heads) if self.splice_cues else 0)
+        """Emotion placeholders per prompt: the Q queries (or the longest snapped phrase),
+        plus one per spliced cue head."""
+        q = self.phrase_len if self.snap_phrases else self.num_queries
+        return q + (len(self.cue_heads) if self.splice_cues else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +294,7 @@ def from_dict(cls, d: Optional[Mapping[str, Any]]):
             sub = _NESTED[k]
             v = from_dict(globals()[sub] if isinstance(sub, str) else sub, v)
         elif isinstance(v, list):
-            v = tuple(v)
+            v = _tuples(v)  # nested too (emotion.snap_phrases), so configs stay hashable
         kwargs[k] = v
     return cls(**kwargs)
 

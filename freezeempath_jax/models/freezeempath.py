@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 
@@ -36,6 +37,9 @@ class SpeechFeatures:
     # [B, S] int, with `projector.snap_to_vocab`: the token each speech position was snapped to
     # (in the order of `speech_embeds`), so what the LLM read is known without a second search
     speech_ids: Optional[jax.Array] = None
+    # [B, Q] bool, with `emotion.snap_phrases`: which emotion slots hold the recognised
+    # class's phrase (the kept ones are the last of each row); None: all of them.
+    emotion_mask: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -109,16 +113,44 @@ def compact_tokens(speech, ids, silence_id: int = -1, sure=None):
             jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(keep, order, axis=1))
 
 
-def speech_attention_mask(input_ids, attention_mask, speech_token_id: int, speech_mask):
-    """`attention_mask` [B, T] with each speech placeholder's slot set from `speech_mask`
-    [B, S] (dropped speech positions become holes: positions count real slots only, so the
-    kept ones read as contiguous text)."""
+def placeholder_attention_mask(input_ids, attention_mask, token_id: int, keep):
+    """`attention_mask` [B, T] with the k-th slot of placeholder `token_id` set from
+    `keep[:, k]` ([B, N] bool): dropped positions (speech dropped by compaction, emotion slots
+    a snapped phrase leaves empty) become holes; positions count real slots only, so the kept
+    ones read as contiguous text."""
     base = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
             else attention_mask.astype(jnp.int32))
-    is_tok = input_ids == speech_token_id
-    idx = jnp.clip(jnp.cumsum(is_tok, axis=1) - 1, 0, speech_mask.shape[1] - 1)
-    kept = jnp.take_along_axis(speech_mask.astype(jnp.int32), idx, axis=1)
+    is_tok = input_ids == token_id
+    idx = jnp.clip(jnp.cumsum(is_tok, axis=1) - 1, 0, keep.shape[1] - 1)
+    kept = jnp.take_along_axis(keep.astype(jnp.int32), idx, axis=1)
     return jnp.where(is_tok, base * kept, base)
+
+
+def phrase_table(phrases):
+    """(ids [C, Q] int32, keep [C, Q] bool) of per-class token phrases, each right-aligned in
+    Q = the longest phrase's length (at least 1) slots, so kept slots come last as with
+    compacted speech."""
+    q = max([1] + [len(p) for p in phrases])
+    ids = np.zeros((len(phrases), q), np.int32)
+    keep = np.zeros((len(phrases), q), bool)
+    for c, p in enumerate(phrases):
+        if len(p):
+            ids[c, q - len(p):], keep[c, q - len(p):] = p, True
+    return ids, keep
+
+
+def snap_emotion(ser_logits, table, phrases):
+    """The recognised emotion read as words (`emotion.snap_phrases`): each row's embeddings
+    [B, Q, H] are the token embeddings of its SER argmax class's phrase (zeros in the holes),
+    and keep [B, Q] bool marks the phrase's slots. A discrete choice: no gradient flows back
+    (the SER head learns from its own CE; a straight-through estimate through the LLM's loss
+    was measured to undo it, README)."""
+    ids, keep = phrase_table(phrases)
+    words = jnp.take(table.astype(jnp.float32), jnp.asarray(ids), axis=0)
+    words = words * jnp.asarray(keep, jnp.float32)[..., None]  # [C, Q, H]
+    cls = jax.lax.stop_gradient(jnp.argmax(ser_logits, axis=-1))
+    return (jax.lax.stop_gradient(jnp.take(words, cls, axis=0)),
+            jnp.take(jnp.asarray(keep), cls, axis=0))
 
 
 class FreezeEmpath(nn.Module):
@@ -163,10 +195,21 @@ class FreezeEmpath(nn.Module):
             if p.snap_compact:
                 speech, ids, speech_mask = compact_tokens(speech, ids, p.snap_silence_id, sure)
         emo = self.emotion(layer_states)
-        return SpeechFeatures(speech_embeds=speech, emotion_embedding=emo.embedding,
+        embedding, emotion_mask = emo.embedding, None
+        e = self.config.emotion
+        if e.snap_phrases:
+            if len(e.snap_phrases) != e.num_classes or e.splice_cues:
+                raise ValueError(
+                    f"emotion.snap_phrases holds {len(e.snap_phrases)} phrases for "
+                    f"{e.num_classes} classes (one per class, and not with splice_cues)")
+            embedding, emotion_mask = snap_emotion(emo.ser_logits,
+                                                   self.llm.embed_tokens.embedding,
+                                                   e.snap_phrases)
+            embedding = embedding.astype(emo.embedding.dtype)
+        return SpeechFeatures(speech_embeds=speech, emotion_embedding=embedding,
                               ser_logits=emo.ser_logits, attributes=emo.attributes,
                               cue_logits=emo.cue_logits, speech_mask=speech_mask,
-                              speech_ids=ids)
+                              speech_ids=ids, emotion_mask=emotion_mask)
 
     def project_speech(self, last_hidden_state):
         """The projector alone: speech embeddings [B, S, H] of (cached) encoder outputs, never
@@ -205,13 +248,16 @@ class FreezeEmpath(nn.Module):
             encoder_states = self.encode_audio(mel)
         feats = self.features_from_states(*encoder_states)
         embeds = self.prompt_embeds(input_ids, feats)
-        if feats.speech_mask is not None:
+        holes = [(self.config.speech_token_id, feats.speech_mask, "projector.snap_compact"),
+                 (self.config.emotion_token_id, feats.emotion_mask, "emotion.snap_phrases")]
+        for token_id, keep, option in holes:
+            if keep is None:
+                continue
             if cache is not None:  # the mask would cover cache slots, not these tokens
-                raise ValueError("projector.snap_compact: prefill without a cache (chat "
-                                 "passes only the kept speech positions)")
-            attention_mask = speech_attention_mask(input_ids, attention_mask,
-                                                   self.config.speech_token_id,
-                                                   feats.speech_mask)
+                raise ValueError(f"{option}: prefill without a cache (chat passes only the "
+                                 "kept positions)")
+            attention_mask = placeholder_attention_mask(input_ids, attention_mask, token_id,
+                                                        keep)
         out = self.llm(inputs_embeds=embeds.astype(to_dtype(self.config.llm.dtype)),
                        positions=positions, attention_mask=attention_mask, cache=cache,
                        last_logits_only=last_logits_only, return_logits=return_logits)
