@@ -134,7 +134,9 @@ def main():
                 "n": ser["n"], "ser_accuracy": ser["accuracy"],
                 "gender": {k: ser["paralinguistic"]["gender"][k]
                            for k in ("n", "accuracy", "confusion", "ci95")}}
-        q = demo.held_out_questions(bot, list(EMOTIONS), num_questions=args.questions)
+        # 32-token replies: the setting of the recorded results (the demo now uses 64)
+        q = demo.held_out_questions(bot, list(EMOTIONS), num_questions=args.questions,
+                                    max_new_tokens=32)
         results[name] = {k: v for k, v in q.items() if k != "rows"}
         results[name]["rows"] = q["rows"]
         print(f"[osum] {name}: { {k: round(v, 3) for k, v in results[name].items() if isinstance(v, float)} }",

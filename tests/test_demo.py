@@ -36,7 +36,7 @@ def test_reduced_demo_learns_emotions(demo_run):
     workdir, metrics, seconds = demo_run
     print(f"reduced demo: {seconds:.0f} s, held-out SER {metrics['ser_accuracy_held_out']:.3f}")
     assert metrics["num_held_out"] >= 40
-    assert metrics["ser_accuracy_held_out"] >= 0.80, metrics["confusion"]
+    assert metrics["ser_accuracy_held_out"] >= 0.85, metrics["confusion"]
     # the same sentence in five emotions gets more than one reply
     assert metrics["distinct_side_by_side_replies"] >= 2
     # chat answers; it does not describe the speaker
@@ -44,16 +44,18 @@ def test_reduced_demo_learns_emotions(demo_run):
     assert metrics["speaker_descriptions"] * 10 <= metrics["num_replies"], metrics
     # content reaches the frozen LLM for questions never heard in training: the topic word is
     # in what it read (the snapped, compacted speech) and in some replies. The reduced run
-    # aligns on 64 clips per emotion (the full demo: 256, README); measured here 0.55 / 0.45
-    # of 20 replies (0.55 / 0.15 with the learned emotion embedding), where the recipe before
-    # the alignment gave 0 / 0.
+    # aligns on 128 clips per emotion (the full demo: 256, README) and asks 8 held-out
+    # questions in five emotions (40 replies of 64 tokens): measured here 0.675 / 0.475 on a
+    # 2-core EPYC (12-07). With 64 clips and 4 questions the read share moved 0.35-0.55
+    # between CPUs; the recipe before the alignment gave 0 / 0.
     unseen = metrics["held_out_questions"]
-    assert unseen["topic_heard_rate"] >= 0.4, unseen
-    assert unseen["topic_rate"] > 0.0, unseen
+    assert unseen["num_replies"] == 40, unseen
+    assert unseen["topic_heard_rate"] >= 0.5, unseen
+    assert unseen["topic_rate"] >= 0.2, unseen
     assert unseen["differs_with_emotion"] >= 0.75, unseen
     # sad and angry questions get an acknowledgement of the feeling, neutral ones a plain
     # answer: the LLM reads the recognised emotion as words (`emotion.snap_phrases`).
-    # Measured here 1.0 vs 0.0 (8 and 4 replies); the full demo 0.81-0.88 vs 0.12 (README).
+    # Measured here 0.81 vs 0.0 (16 and 8 replies); the full demo 0.94 vs 0.06 (README).
     assert unseen["acknowledgement_sad_angry"] >= 0.5, unseen
     assert unseen["acknowledgement_sad_angry"] >= unseen["acknowledgement_neutral"] + 0.25, unseen
     # the evaluation suite ran on the held-out clips: the frozen LLM answers text exactly as
@@ -129,7 +131,7 @@ def test_second_run_reuses_everything(demo_run):
 
 
 def test_reduced_speech_stage_speaks_its_replies(demo_run):
-    """Stage 3 end to end, reduced (`SPEECH_RECIPES["ci"]`: 24 clips, 150 steps): greedy
+    """Stage 3 end to end, reduced (`SPEECH_RECIPES["ci"]`: 16 clips, 100 steps): greedy
     replies with cached LLM states, the emotional TTS, the unit codec fitted on the renders,
     aligned chunks, the speech decoder trained through the trainer; then the chat model
     answers the same clips and speaks. What this budget can show, and is checked here: the
@@ -150,7 +152,7 @@ def test_reduced_speech_stage_speaks_its_replies(demo_run):
     tic = time.perf_counter()
     stage = train_speech_stage(workdir, recipe="ci")
     trained = time.perf_counter() - tic
-    assert stage["num_records"] >= 20
+    assert stage["num_records"] >= 12
     stage_dir = os.path.join(workdir, "stage_3")
     bot = load_chat_model(stage_dir, unit_decoder=load_unit_codec(
         os.path.join(stage_dir, "unit_decoder")))
