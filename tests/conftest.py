@@ -8,6 +8,16 @@ import pytest
 # Tests compare against float32 references; never let XLA pick lower-precision matmuls.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# Under pytest-xdist with as many workers as cores (the README's `-n 2` on CI's 2 cores), each
+# worker keeps to a core of its own: otherwise two processes each run XLA's thread pool over
+# both cores and wait on each other's threads. Subprocesses the tests start inherit it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    if _WORKERS == len(_cores) > 1:
+        os.sched_setaffinity(0, {_cores[int(_WORKER[2:]) % len(_cores)]})
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = REPO.parent / "shared" / "audio"
 
