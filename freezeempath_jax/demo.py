@@ -355,8 +355,8 @@ def acknowledges_feeling(reply: str) -> bool:
     return bool(_ACKNOWLEDGES.search(reply or ""))
 
 
-def held_out_questions(chat_model, emotions, num_questions: int = 16, seed: int = 11,
-                       max_new_tokens: int = CHAT_TOKENS) -> dict:
+def held_out_questions(chat_model, emotions, num_questions: int = HELD_OUT_QUESTIONS["full"],
+                       seed: int = 11, max_new_tokens: int = CHAT_TOKENS) -> dict:
     """Questions the model never heard (`synthetic.grammar_questions(held_out=True)`), each
     spoken in every emotion by one voice, answered greedily. Returns the rows and the
     figures of the empathy issue: the share of replies that describe the speaker, that name
