@@ -193,4 +193,8 @@ def test_speech_recipes_are_named():
     assert _speech_recipe(False, "ci") == "ci"
     with pytest.raises(ValueError, match="unknown speech recipe 'fast'"):
         _speech_recipe(False, "fast")
-    assert all({"clips", "steps", "samples"} <= set(r) for r in SPEECH_RECIPES.values())
+    assert all({"clips", "steps", "samples", "unit_noise"} <= set(r)
+               for r in SPEECH_RECIPES.values())
+    # the recipes that speak held-out replies follow the text; CI's memorising check does not
+    assert SPEECH_RECIPES["full"]["unit_noise"] == SPEECH_RECIPES["quick"]["unit_noise"] > 0
+    assert SPEECH_RECIPES["ci"]["unit_noise"] == 0

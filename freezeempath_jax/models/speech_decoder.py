@@ -140,32 +140,42 @@ class SpeechDecoder(nn.Module):
                        attention_mask=attention_mask, cache=cache,
                        last_logits_only=last_logits_only)
 
-    def layout_inputs(self, llm_hidden_prev, text_ids, unit_ids, layout):
+    def layout_inputs(self, llm_hidden_prev, text_ids, unit_ids, layout, input_unit_ids=None):
         """Input embeddings [B, S, h] and targets [B, S] of a streaming layout.
 
         Text positions take the fused text-side inputs (gathered by `layout.index`); `<sep>`,
-        unit and EOS positions take the token embeddings of their ids.
+        unit and EOS positions take the token embeddings of their ids. input_unit_ids
+        [B, U] (optional, same shape as unit_ids): the units the decoder *reads* at unit
+        positions, when they differ from the ones it is trained to predict (`noisy_units`);
+        targets always come from unit_ids.
         """
         c = self.config
         text_in = self.fuse(llm_hidden_prev, text_ids)
-        tok, targets = streaming.assemble_tokens(
-            layout, unit_ids, sep_token_id=c.sep_token_id, eos_token_id=c.eos_token_id,
-            unit_offset=c.unit_offset)
+        ids = dict(sep_token_id=c.sep_token_id, eos_token_id=c.eos_token_id,
+                   unit_offset=c.unit_offset)
+        tok, targets = streaming.assemble_tokens(layout, unit_ids, **ids)
+        if input_unit_ids is not None:
+            if input_unit_ids.shape != unit_ids.shape:
+                raise ValueError(f"input_unit_ids {input_unit_ids.shape} and unit_ids "
+                                 f"{unit_ids.shape} must have the same shape")
+            tok, _ = streaming.assemble_tokens(layout, input_unit_ids, **ids)
         tok_emb = self.lm.embed(tok).astype(text_in.dtype)
         is_text = (jnp.asarray(layout.kind) == streaming.TEXT)[..., None]
         x = jnp.where(is_text, streaming.gather_text(layout, text_in), tok_emb)
         return constrain(x, BTE), targets
 
-    def unit_loss(self, llm_hidden_prev, text_ids, unit_ids, layout) -> UnitLossOutput:
+    def unit_loss(self, llm_hidden_prev, text_ids, unit_ids, layout,
+                  input_unit_ids=None) -> UnitLossOutput:
         """Training forward: per-token cross-entropy over unit / EOS targets of a layout.
 
         llm_hidden_prev [B, T, H_llm] and text_ids [B, T] as in `fuse` (right-padded; rows
         beyond each text length are never read), unit_ids [B, U] raw unit values
         (right-padded), layout from `streaming.build_layout(text_lengths, unit_lengths, ...)`.
         The loss averages over every target token in the batch, like the release's
-        Hugging Face loss.
+        Hugging Face loss. input_unit_ids: see `layout_inputs`.
         """
-        x, targets = self.layout_inputs(llm_hidden_prev, text_ids, unit_ids, layout)
+        x, targets = self.layout_inputs(llm_hidden_prev, text_ids, unit_ids, layout,
+                                        input_unit_ids)
         out = self.lm(inputs_embeds=x, attention_mask=jnp.asarray(layout.attention_mask))
         logits = out.logits.astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
@@ -175,3 +185,24 @@ class SpeechDecoder(nn.Module):
         n = jnp.sum(mask)
         return UnitLossOutput(token_loss=token_loss, loss_mask=mask,
                               loss=jnp.sum(token_loss) / jnp.maximum(n, 1.0), num_tokens=n)
+
+
+def noisy_units(unit_ids, key, rate: float, unit_vocab_size: int):
+    """unit_ids [B, U] with each unit replaced, with probability `rate`, by a unit drawn
+    uniformly from the codebook (a pure function of `key`).
+
+    Stage 3 feeds these to the decoder while it is trained to predict the clean units
+    (`layout_inputs(..., input_unit_ids=)`). Why: consecutive units of speech predict each
+    other well, so a decoder trained by teacher forcing alone learns to continue its own
+    units and leans little on the text; at inference it then drifts into fluent speech of
+    other words. Unreliable unit inputs make the text the dependable signal (the role the
+    always-on pre-net dropout plays in Tacotron). Measured in docs/speech_out.md."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"unit input noise rate must be in [0, 1), got {rate}")
+    unit_ids = jnp.asarray(unit_ids, jnp.int32)
+    if rate == 0.0:
+        return unit_ids
+    k_hit, k_unit = jax.random.split(key)
+    hit = jax.random.bernoulli(k_hit, rate, unit_ids.shape)
+    drawn = jax.random.randint(k_unit, unit_ids.shape, 0, unit_vocab_size, jnp.int32)
+    return jnp.where(hit, drawn, unit_ids)

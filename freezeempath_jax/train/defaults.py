@@ -130,6 +130,10 @@ def loss_section() -> ml_collections.ConfigDict:
     # embedding of a word per emotion (token ids in `model.emotions` order; the demo's)
     l.emotion_word_weight = 0.0
     l.emotion_word_ids = ()
+    # stage 3 (unit_ce): share of the speech decoder's input units replaced by random units
+    # while it predicts the clean ones, so it follows the text instead of continuing its own
+    # units (`models.speech_decoder.noisy_units`); 0 is plain teacher forcing (the release's)
+    l.unit_input_noise = 0.0
     return l
 
 
@@ -290,6 +294,7 @@ def train_config_from(cfg) -> Dict[str, Any]:
         kl_ce_weight=float(l.kl_ce_weight),
         emotion_word_weight=float(l.get("emotion_word_weight", 0.0)),
         emotion_word_ids=tuple(int(t) for t in l.get("emotion_word_ids", ()) or ()),
+        unit_input_noise=float(l.get("unit_input_noise", 0.0)),
         sharding_overrides=(tuple(tuple(e) for e in cfg.mesh.overrides)
                             if cfg.mesh.get("overrides") else None),
         seed=int(t.seed))
@@ -350,6 +355,11 @@ def validate(config, workdir: Optional[str] = None) -> None:
         v = _field(config, section, key)
         if v is not None and (not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0):
             raise ConfigError(f"config.{section}.{key}={v!r} must be a fraction in [0, 1]")
+    noise = _field(config, "loss", "unit_input_noise")
+    if noise is not None and (isinstance(noise, bool) or not isinstance(noise, numbers.Real)
+                              or not 0.0 <= noise < 1.0):
+        raise ConfigError(f"config.loss.unit_input_noise={noise!r} must be in [0, 1) (the "
+                          "share of input units replaced)")
     kind = _field(config, "data", "kind")
     if kind not in DATA_KINDS:
         raise ConfigError(f"config.data.kind={kind!r} is unknown; choose one of "

@@ -53,6 +53,7 @@ from freezeempath_jax.tree import cast_floating_abstract
 from freezeempath_jax.models import streaming
 from freezeempath_jax.models.configs import FreezeEmpathConfig, from_dict, to_dtype
 from freezeempath_jax.models.freezeempath import FreezeEmpath
+from freezeempath_jax.models.speech_decoder import noisy_units
 from freezeempath_jax.train import losses
 from freezeempath_jax.train import optimizer as opt_lib
 from freezeempath_jax.train import state as state_lib
@@ -108,6 +109,9 @@ class TrainConfig:
     # emotion class in `model.emotions` order
     emotion_word_weight: float = 0.0
     emotion_word_ids: Tuple[int, ...] = ()
+    # stage 3 (unit_ce): share of the decoder's input units replaced by random ones while it
+    # predicts the clean units (`speech_decoder.noisy_units`); 0: plain teacher forcing
+    unit_input_noise: float = 0.0
     sharding_overrides: Optional[Tuple[Tuple[str, Any], ...]] = None
     seed: int = 0
 
@@ -373,9 +377,10 @@ def _student_windowed(model, params, batch):
                      loss_mask=_at(batch["loss_mask"], pos))
 
 
-def _decoder_logits(module: FreezeEmpath, h_prev, text_ids, unit_ids, layout):
+def _decoder_logits(module: FreezeEmpath, h_prev, text_ids, unit_ids, layout,
+                    input_unit_ids=None):
     dec = module.speech_decoder
-    x, targets = dec.layout_inputs(h_prev, text_ids, unit_ids, layout)
+    x, targets = dec.layout_inputs(h_prev, text_ids, unit_ids, layout, input_unit_ids)
     out = dec(x, attention_mask=jnp.asarray(layout.attention_mask))
     return out.logits, targets
 
@@ -452,7 +457,8 @@ def objective_fn(model: FreezeEmpath, cfg: TrainConfig) -> Callable:
             layout = streaming.layout_from_batch(batch)
             h_prev = _reply_hidden(model, params, batch)
             logits, targets = model.apply({"params": params}, h_prev, batch["text_ids"],
-                                          batch["unit_ids"], layout, method=_decoder_logits)
+                                          batch["unit_ids"], layout,
+                                          batch.get("input_unit_ids"), method=_decoder_logits)
             return losses.unit_ce(logits, targets, layout.loss_mask, norm)
     return f
 
@@ -673,7 +679,12 @@ def _make_update(model: FreezeEmpath, cfg: TrainConfig, tx, schedule, plan: _Pla
 
     def update(state: TrainState, frozen, batch):
         norm = losses.normalizers(batch, objective)
-        rng, _ = jax.random.split(state.rng)
+        rng, step_key = jax.random.split(state.rng)
+        if objective == "unit_ce" and cfg.unit_input_noise > 0:
+            # drawn from the state's key: a resumed run reads the same noisy inputs
+            batch = dict(batch, input_unit_ids=noisy_units(
+                batch["unit_ids"], step_key, cfg.unit_input_noise,
+                model.config.speech_decoder.unit_vocab_size))
         if n_micro == 1:
             (loss, sums), grads = grad_fn(state.params, frozen, batch, norm)
         else:
