@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewer training steps (the reduced run CI tests)")
     m.add_argument("--speech", action="store_true",
                    help="also train stage 3 (speech decoder on the demo unit codec) and speak "
-                        "the replies (chat/audio/, report/speech.json); about 45 min more on "
+                        "the replies (chat/audio/, report/speech.json); about 50 min more on "
                         "a 2-core CPU (--quick: about 15)")
     m.add_argument("--seed", type=int, default=0,
                    help="training seed (the corpus is the same for every seed)")
