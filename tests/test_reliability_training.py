@@ -191,6 +191,8 @@ def test_resumed_run_continues_from_the_intact_step(run, tmp_path, caplog):
                                  "['synthetic', 'manifest', 'noise', 'memory']"),
     ("--config.train.grad_accum=3", "error: train.batch_size=16 is not divisible by "
                                     "train.grad_accum=3"),
+    ("--config.loss.unit_input_noise=1", "error: config.loss.unit_input_noise=1.0 must be in "
+                                         "[0, 1) (the share of input units replaced)"),
 ])
 def test_bad_train_override_is_one_line(override, message, tmp_path, capsys, monkeypatch):
     # any data or model work would be a bug: make it fail loudly
