@@ -615,7 +615,7 @@ SPEECH_RECIPES = {
     # CI's end-to-end check of stage 3 (tests/test_demo.py): few clips, trained until it
     # says its own training replies back; held-out intelligibility needs "full"
     # (16 clips x 100 steps: the 50 epochs of the earlier 24 x 150 in two thirds of the time;
-    # plain teacher forcing, which memorises fastest)
+    # plain teacher forcing, the setting its bounds were measured with)
     "ci": dict(clips=16, lr=2e-3, batch_size=8, steps=100, samples=1, unit_noise=0.0),
 }
 
