@@ -190,10 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workdir", default="demo_out")
     m.add_argument("--quick", action="store_true",
                    help="fewer training steps (the reduced run CI tests)")
-    m.add_argument("--speech", action="store_true",
-                   help="also train stage 3 (speech decoder on the demo unit codec) and speak "
-                        "the replies (chat/audio/, report/speech.json); about 50 min more on "
-                        "a 2-core CPU (--quick: about 15)")
+    voice = m.add_mutually_exclusive_group()
+    voice.add_argument("--speech", dest="speech", action="store_const", const="train",
+                       default="shipped",
+                       help="train stage 3 (the speech decoder on the demo unit codec) here "
+                            "instead of using the decoder the package ships; about 50 min "
+                            "more on a 2-core CPU (--quick: about 15)")
+    voice.add_argument("--no-speech", dest="speech", action="store_const", const="off",
+                       help="text replies only (by default the replies are spoken with the "
+                            "shipped speech decoder: chat/audio/, report/speech.json)")
     m.add_argument("--seed", type=int, default=0,
                    help="training seed (the corpus is the same for every seed)")
     m.set_defaults(fn=_demo)

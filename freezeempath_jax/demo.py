@@ -15,7 +15,9 @@ and emotion extractor are trained around them on a synthetic eSpeak corpus:
    stage and reused by every step);
 4. held-out clips: SER accuracy and confusion matrix; one sentence spoken in every emotion,
    answered side by side;
-5. `chat` on held-out clips and on `../shared/audio/` when present.
+5. `chat` on held-out clips and on `../shared/audio/` when present, speaking its replies
+   (stage 3: the speech decoder the package ships, `speech_assets`, or one trained here with
+   `--speech`) into chat/audio/, and a speech report on held-out questions.
 
 Everything lands in `workdir` (report/ holds metrics.json, confusion.png, curves.png and
 replies.md). A second run reuses the corpus and every finished stage.
@@ -28,9 +30,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
@@ -444,12 +447,17 @@ def _plots(report: Path, stage_dirs: Dict[str, str], confusion, emotions):
     plt.close(fig)
 
 
-def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = False,
-             seed: int = 0) -> dict:
+def run_demo(workdir: str = "demo_out", quick: bool = False,
+             speech: Union[str, bool] = "shipped", seed: int = 0) -> dict:
     """Runs the demo (see the module docstring); returns the metrics written to
-    `workdir/report/metrics.json`. seed: the training seed (README: the spread over seeds). `speech` adds stage 3 (speech decoder on the demo unit
-    codec), spoken chat replies in chat/audio/ and the speech report; it is off by default
-    because stage 3 does not fit the demo's 15 minutes on a 2-core CPU yet (issue 14)."""
+    `workdir/report/metrics.json`. seed: the training seed (README: the spread over seeds).
+
+    speech: how the chat model speaks (stage 3, the speech decoder on the demo unit codec):
+    "shipped" (default) uses the decoder the package ships (`speech_assets`: trained by the
+    full recipe, since training it takes ~45 min more than the demo's 15 on a 2-core CPU);
+    "train" (or True) trains stage 3 here (`train_speech_stage`); "off" (or False) speaks
+    nothing. With speech, chat writes WAVs in chat/audio/ and the report gets the speech
+    report (report/speech.json)."""
     from freezeempath_jax.inference.cli import run_chat
     from freezeempath_jax.inference.loading import load_chat_model
     from freezeempath_jax.data.manifests import read_manifest
@@ -465,9 +473,13 @@ def run_demo(workdir: str = "demo_out", quick: bool = False, speech: bool = Fals
     report.mkdir(parents=True, exist_ok=True)
     emotions = list(EMOTIONS)
 
+    speech = _speech_mode(speech)
     stages = train_stages(workdir, quick=quick, seed=seed)
-    if speech:
+    if speech == "train":
         stages["3"] = train_speech_stage(workdir, quick=quick)
+    elif speech == "shipped":
+        stages["3"] = shipped_speech_stage(workdir, quick=quick)
+    speech = speech != "off"
     t_train = time.perf_counter() - tic
     final_dir = os.path.join(workdir, f"stage_{FINAL_STAGE}")
     print("[demo] evaluating", flush=True)
@@ -678,6 +690,48 @@ def _stratified(records: List[dict], n: int) -> List[dict]:
     return out[:n]
 
 
+SPEECH_MODES = ("shipped", "train", "off")
+
+
+def _speech_mode(speech: Union[str, bool, None]) -> str:
+    if speech is True:
+        return "train"
+    if speech is False or speech is None:
+        return "off"
+    if speech not in SPEECH_MODES:
+        raise ValueError(f"speech={speech!r}: choose one of {SPEECH_MODES} (or True / False)")
+    return speech
+
+
+def shipped_speech_stage(workdir: str, quick: bool = False) -> dict:
+    """Stage 3 from the decoder the package ships (`speech_assets`), in `workdir/stage_3`,
+    reading this workdir's chat stages; a stage 3 already there (trained or shipped) is
+    reused. Returns its last training figures and `shipped` (1 when it is the shipped
+    decoder)."""
+    from freezeempath_jax import speech_assets
+
+    stage_dir = os.path.join(workdir, "stage_3")
+    if os.path.isdir(os.path.join(stage_dir, "unit_decoder")) and os.path.isfile(
+            os.path.join(stage_dir, "config.json")):
+        shipped = speech_assets.is_shipped(stage_dir)
+        log.info("stage 3 already in %s (%s): reusing it", stage_dir,
+                 "shipped" if shipped else "trained here")
+    else:
+        print("[demo] stage 3: the shipped speech decoder (trained by `demo --speech`; "
+              "docs/speech_out.md)", flush=True)
+        previous = tuple(os.path.join(workdir, f"stage_{s}") for s in STAGES)
+        data_dir = os.path.join(workdir, "data")
+        cfg = speech_stage_config(quick, previous, data_dir, os.path.join(workdir, "cache"),
+                                  "full")
+        speech_assets.install(stage_dir, cfg)
+        shipped = True
+    last = {}
+    for r in _read_metrics(stage_dir):
+        last.update({f"{r['split']}/{k}": v for k, v in r.items()
+                     if k not in ("step", "split", "time")})
+    return dict(last, shipped=int(shipped))
+
+
 def train_speech_stage(workdir: str, quick: bool = False, recipe: Optional[str] = None) -> dict:
     """Stage 3 in `workdir/stage_3` (skipped when finished there). recipe: a key of
     SPEECH_RECIPES (default "quick" or "full" after `quick`). Returns its metrics and costs:
@@ -695,6 +749,12 @@ def train_speech_stage(workdir: str, quick: bool = False, recipe: Optional[str] 
     cfg = speech_stage_config(quick, previous, data_dir, os.path.join(workdir, "cache"), name)
     stage_dir = os.path.join(workdir, "stage_3")
     steps = int(cfg.recipes["3a"]["steps"])
+    from freezeempath_jax import speech_assets
+
+    if speech_assets.is_shipped(stage_dir):  # trained here replaces the shipped decoder
+        log.info("stage 3 in %s holds the shipped decoder: training it here instead",
+                 stage_dir)
+        shutil.rmtree(stage_dir)
     cached = _stage_done(stage_dir, steps)
     if cached is not None and os.path.isdir(os.path.join(stage_dir, "unit_decoder")):
         log.info("stage 3 already trained in %s: reusing it", stage_dir)
