@@ -241,9 +241,13 @@ def _stage_done(stage_dir: str, steps: int) -> Optional[dict]:
         ck.close()
     if latest != steps:
         return None
-    rows = _read_metrics(stage_dir)
+    return _last_metrics(stage_dir)
+
+
+def _last_metrics(stage_dir: str) -> dict:
+    """The newest value of every figure in a stage's metrics.jsonl, as "split/name"."""
     last = {}
-    for r in rows:
+    for r in _read_metrics(stage_dir):
         last.update({f"{r['split']}/{k}": v for k, v in r.items()
                      if k not in ("step", "split", "time")})
     return last
@@ -711,11 +715,14 @@ def shipped_speech_stage(workdir: str, quick: bool = False) -> dict:
     from freezeempath_jax import speech_assets
 
     stage_dir = os.path.join(workdir, "stage_3")
-    if os.path.isdir(os.path.join(stage_dir, "unit_decoder")) and os.path.isfile(
-            os.path.join(stage_dir, "config.json")):
-        shipped = speech_assets.is_shipped(stage_dir)
+    shipped = speech_assets.is_shipped(stage_dir)
+    if shipped or _trained_speech_stage(stage_dir):
         log.info("stage 3 already in %s (%s): reusing it", stage_dir,
                  "shipped" if shipped else "trained here")
+    elif os.path.exists(stage_dir):
+        raise RuntimeError(f"{stage_dir} holds an unfinished stage-3 training: finish it "
+                           "with `freezeempath-jax demo --speech` or remove the folder to "
+                           "speak with the shipped decoder")
     else:
         print("[demo] stage 3: the shipped speech decoder (trained by `demo --speech`; "
               "docs/speech_out.md)", flush=True)
@@ -725,17 +732,24 @@ def shipped_speech_stage(workdir: str, quick: bool = False) -> dict:
                                   "full")
         speech_assets.install(stage_dir, cfg)
         shipped = True
-    last = {}
-    for r in _read_metrics(stage_dir):
-        last.update({f"{r['split']}/{k}": v for k, v in r.items()
-                     if k not in ("step", "split", "time")})
-    return dict(last, shipped=int(shipped))
+    return dict(_last_metrics(stage_dir), shipped=int(shipped))
+
+
+def _trained_speech_stage(stage_dir: str) -> bool:
+    """Whether `stage_dir` holds a stage 3 trained to the end of the recipe in its config."""
+    config = os.path.join(stage_dir, "config.json")
+    if not (os.path.isfile(config) and os.path.isdir(os.path.join(stage_dir, "unit_decoder"))):
+        return False
+    with open(config) as f:
+        steps = int(json.load(f)["recipes"]["3a"]["steps"])
+    return _stage_done(stage_dir, steps) is not None
 
 
 def train_speech_stage(workdir: str, quick: bool = False, recipe: Optional[str] = None) -> dict:
     """Stage 3 in `workdir/stage_3` (skipped when finished there). recipe: a key of
     SPEECH_RECIPES (default "quick" or "full" after `quick`). Returns its metrics and costs:
     seconds to cache replies and states, to render and fit/encode, to train."""
+    from freezeempath_jax import speech_assets
     from freezeempath_jax.audio import load_audio
     from freezeempath_jax.checkpoints.unit_decoder import save_unit_codec
     from freezeempath_jax.data.manifests import read_manifest
@@ -749,8 +763,6 @@ def train_speech_stage(workdir: str, quick: bool = False, recipe: Optional[str] 
     cfg = speech_stage_config(quick, previous, data_dir, os.path.join(workdir, "cache"), name)
     stage_dir = os.path.join(workdir, "stage_3")
     steps = int(cfg.recipes["3a"]["steps"])
-    from freezeempath_jax import speech_assets
-
     if speech_assets.is_shipped(stage_dir):  # trained here replaces the shipped decoder
         log.info("stage 3 in %s holds the shipped decoder: training it here instead",
                  stage_dir)

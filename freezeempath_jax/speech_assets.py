@@ -124,9 +124,8 @@ def export(workdir: str, dest=ASSET_DIR) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    written = save_safetensors_sharded(flat, str(dest / "tmp"))
-    os.replace(written[0], dest / DECODER_FILE)
-    shutil.rmtree(dest / "tmp")
+    (written,) = save_safetensors_sharded(flat, str(dest))  # one file: 6.9 MB
+    os.replace(written, dest / DECODER_FILE)
     shutil.copytree(stage / "unit_decoder", dest / CODEC_DIR)
     shutil.copy(stage / "metrics.jsonl", dest / "metrics.jsonl")
     (dest / "speech_report.json").write_text(json.dumps(spoken, indent=1))

@@ -137,3 +137,18 @@ def test_demo_command_speaks_with_the_shipped_decoder_by_default():
     assert parser.parse_args(["demo", "--no-speech"]).speech == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--speech", "--no-speech"])
+
+
+def test_demo_reuses_a_shipped_or_finished_stage_and_names_an_unfinished_one(tmp_path):
+    from freezeempath_jax.demo import shipped_speech_stage
+
+    stage = tmp_path / "w" / "stage_3"
+    speech_assets.install(str(stage), _stage_config(_demo_decoder()))
+    stamp = os.path.getmtime(stage / "config.json")
+    again = shipped_speech_stage(str(tmp_path / "w"))
+    assert again["shipped"] == 1 and os.path.getmtime(stage / "config.json") == stamp
+    assert again["eval/token_accuracy"] > 0.5  # the shipped run's last evaluation
+
+    (tmp_path / "v" / "stage_3").mkdir(parents=True)  # a `--speech` run stopped early
+    with pytest.raises(RuntimeError, match="unfinished stage-3 training"):
+        shipped_speech_stage(str(tmp_path / "v"))
